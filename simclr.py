@@ -1,0 +1,143 @@
+"""SimCLR: contrastive learning from two augmented views of each image.
+
+The idea (Chen et al. 2020, arXiv 2002.05709): augment every image twice, encode both views,
+and train the encoder so that the two views of one image are closer to each other than to
+the views of every other image in the batch. The lecture's four components:
+
+    1. data augmentation   random crop + flip + colour jitter + grayscale  (common.simclr_augment)
+    2. encoder f           ResNet-18 with the small-image stem, h = f(x)   (common.build_backbone)
+    3. projection head g   MLP, z = g(h); the loss is applied to z, kNN uses h
+    4. contrastive loss    NT-Xent / InfoNCE with temperature tau, eq. (1)  (info_nce below)
+
+Run:
+    python simclr.py --data shapes --epochs 15 --width 16     # CPU demo, a few minutes
+    python simclr.py --epochs 200                             # CIFAR-10, one GPU
+
+Result: not yet measured on a GPU for this file (see README.md for the figures that were).
+"""
+
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+# ============================================================================================
+# Configuration
+# Defaults follow solo-learn's CIFAR-10 SimCLR recipe (LARS, temperature 0.2, a 2048-wide
+# projector) scaled to batch 512.
+# ============================================================================================
+
+def make_parser():
+    p = argparse.ArgumentParser(description="SimCLR self-supervised pretraining.")
+    common.add_common_args(p, arch="resnet18")
+    g = p.add_argument_group("SimCLR")
+    g.add_argument("--epochs", type=int, default=200, help="passes over the training set")
+    g.add_argument("--batch-size", type=common.positive_int, default=512,
+                   help="images per step; each gives 2 views, so 2*B-2 negatives per anchor")
+    g.add_argument("--lr", type=common.positive_float, default=0.4,
+                   help="base learning rate per 256 images (scaled linearly with --batch-size)")
+    g.add_argument("--optimizer", default="lars", choices=["lars", "sgd"],
+                   help="LARS keeps large-batch contrastive training stable")
+    g.add_argument("--weight-decay", type=float, default=1e-5, help="L2 penalty on weight matrices")
+    g.add_argument("--warmup-epochs", type=int, default=10,
+                   help="linear LR warmup; the large LARS LR diverges without it")
+    g.add_argument("--temperature", type=common.positive_float, default=0.2,
+                   help="tau in the softmax; smaller weights the hardest negatives more")
+    g.add_argument("--min-scale", type=common.positive_float, default=0.08,
+                   help="smallest crop as a fraction of the image area (the paper's 0.08; raise it for "
+                        "tiny images, where an 8%% crop is a few pixels)")
+    g.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width")
+    g.add_argument("--proj-dim", type=common.positive_int, default=256, help="dimension of z")
+    return p
+
+
+# ============================================================================================
+# Model: encoder f followed by projection head g
+# ============================================================================================
+
+class SimCLR(nn.Module):
+    def __init__(self, backbone, hidden, out):
+        super().__init__()
+        self.backbone = backbone                               # f: images -> h (N, dim)
+        self.projector = common.mlp([backbone.dim, hidden, out])   # g: h -> z (N, out)
+
+    def forward(self, x):
+        return self.projector(self.backbone(x))
+
+
+# ============================================================================================
+# The loss
+# ============================================================================================
+
+def info_nce(z1, z2, temperature):
+    """NT-Xent over the 2N views of a batch: z1, z2 (N, D), row i of each from image i.
+
+        l(i, j) = -log  exp(sim(z_i, z_j) / tau)  /  sum_{k != i} exp(sim(z_i, z_k) / tau)
+
+    with sim the cosine similarity, j the other view of i's image, k over the 2N-1 views
+    other than i itself. Returned: the mean of l over all 2N anchors, written as a
+    cross-entropy whose "class" is the index of the positive among the 2N-1 candidates."""
+    N = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)       # (2N, D) on the unit sphere
+    logits = z @ z.T / temperature                             # (2N, 2N)
+    self_mask = torch.eye(2 * N, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))      # a view is not its own candidate
+    positive = torch.cat([torch.arange(N, 2 * N), torch.arange(0, N)]).to(z.device)   # (2N,)
+    return F.cross_entropy(logits, positive)
+
+
+# ============================================================================================
+# One training step
+# ============================================================================================
+
+def train_step(model, optimizer, x1, x2, temperature, run):
+    """Both views in one forward pass: one large batch keeps the GPU busy, and BatchNorm
+    sees the statistics of both views together, as in the paper."""
+    with run.autocast():
+        z = model(torch.cat([x1, x2]))                         # (2N, D)
+        z1, z2 = z.chunk(2)                                    # (N, D) each
+        loss = info_nce(z1, z2, temperature)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, z1
+
+
+# ============================================================================================
+# main
+# ============================================================================================
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    run = common.Run(args, "simclr", parser)
+
+    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
+    model = run.prepare(SimCLR(backbone, args.proj_hidden, args.proj_dim))
+    base_lr = args.lr * args.batch_size / 256
+    optimizer = common.make_optimizer(model, args.optimizer, base_lr, args.weight_decay)
+    run.start(model, optimizer, model.backbone)
+    augment = common.simclr_augment(run.stats, run.data.image_size, args.min_scale)
+    run.save_views([augment])
+    forward = run.compiled(model)
+
+    for epoch in range(run.start_epoch, args.epochs):
+        for step, x in run.batches(epoch):                     # x: (B, 3, H, W) uint8
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps,
+                                                      args.warmup_epochs * run.steps_per_epoch, base_lr))
+            x1, x2 = augment(x), augment(x)                    # (B, 3, H, W) fp32 each
+            loss, z = train_step(forward, optimizer, x1, x2, args.temperature, run)
+            run.log_step(loss, z)
+        run.end_epoch(epoch)
+
+    x = run.data.train_x[:args.batch_size]
+    x1, x2 = augment(x), augment(x)
+    run.finish(bench_step=lambda: train_step(forward, optimizer, x1, x2, args.temperature, run))
+
+
+if __name__ == "__main__":
+    common.run_main(main)
