@@ -962,15 +962,11 @@ def embedding_std(z):
     return F.normalize(z.detach().float(), dim=1).std(0).mean()
 
 
-def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
+def save_checkpoint(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves half a file."""
     tmp = Path(str(path) + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def save_checkpoint(state, path):
-    atomic_save(state, path)
 
 
 def rng_state():
@@ -1011,8 +1007,6 @@ class Run:
         self.ckpt = None
         if args.resume:
             self.ckpt = self._load_checkpoint(Path(args.resume), parser)
-        if args.epochs < 1:
-            raise UserError(f"--epochs {args.epochs} must be at least 1.")
         if args.out is None:
             args.out = str(Path(args.resume).parent) if args.resume else \
                 f"runs/{method}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -1184,7 +1178,7 @@ class Run:
     def finish(self, bench_step=None):
         """Export the encoder, draw the curves, write summary.json; with --bench, time
         `bench_step` (the method's training step on fixed tensors) and print the speed table."""
-        torch.save(self.backbone.state_dict(), self.out / "encoder.pt")
+        save_checkpoint(self.backbone.state_dict(), self.out / "encoder.pt")
         steady = self.epoch_seconds[1:] or self.epoch_seconds
         epoch_s = float(np.median(steady))
         summary = {
@@ -1220,7 +1214,7 @@ class Run:
         cols = [F.interpolate(x.float() / 255, size=augments[0].size, mode="nearest")]
         # A forked RNG: drawing the picture must not change the training run's random
         # stream, or a resumed run would no longer match an uninterrupted one.
-        with torch.random.fork_rng(devices=[self.device] if self.cuda else []):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.cuda else []):
             for aug in augments:
                 for _ in range(2 if len(augments) > 1 else 4):
                     v = aug(x, normalize=False)
@@ -1369,19 +1363,21 @@ def nice_ticks(lo, hi, n=5):
     return [start + i * step for i in range(int(math.ceil((hi - start) / step)) + 1)]
 
 
-def draw_panel(draw, box, series, title, xlabel, ylabel):
-    """One line plot inside box (x0, y0, x1, y1); series is {label: (xs, ys)}."""
+def draw_panel(draw, box, series, title, xlabel, ylabel, ymin=None):
+    """One line plot inside box (x0, y0, x1, y1); series is {label: (xs, ys)}. ymin forces
+    the y axis to include that value (0 for quantities whose fall to 0 is the story)."""
     font = ImageFont.load_default()
     x0, y0, x1, y1 = box
     L, R, T, B = x0 + 52, x1 - 10, y0 + 24, y1 - 36
     pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
     draw.text(((L + R) // 2, y0 + 6), title, fill="black", font=font, anchor="mt")
-    draw.rectangle((L, T, R, B), outline="black")
     if not pts:
+        draw.rectangle((L, T, R, B), outline="black")
         draw.text(((L + R) // 2, (T + B) // 2), "no data", fill="gray", font=font, anchor="mm")
         return
     xt = nice_ticks(min(p[0] for p in pts), max(p[0] for p in pts))
-    yt = nice_ticks(min(p[1] for p in pts), max(p[1] for p in pts))
+    ys_all = [p[1] for p in pts] + ([ymin] if ymin is not None else [])
+    yt = nice_ticks(min(ys_all), max(ys_all))
     sx = lambda v: L + (v - xt[0]) / (xt[-1] - xt[0]) * (R - L)
     sy = lambda v: B - (v - yt[0]) / (yt[-1] - yt[0]) * (B - T)
     fmt = lambda v: f"{v:g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.0e}"
@@ -1392,8 +1388,12 @@ def draw_panel(draw, box, series, title, xlabel, ylabel):
         draw.line((L - 4, sy(v), L, sy(v)), fill="black")
         draw.line((L + 1, sy(v), R - 1, sy(v)), fill=(230, 230, 230))
         draw.text((L - 6, sy(v)), fmt(round(v, 10)), fill="black", font=font, anchor="rm")
+    draw.rectangle((L, T, R, B), outline="black")           # the frame, over the grid lines
     draw.text(((L + R) // 2, y1 - 12), xlabel, fill="black", font=font, anchor="mm")
     draw.text((x0 + 4, T - 14), ylabel, fill="black", font=font)
+    # The legend goes to the top or the bottom, whichever has fewer points near it.
+    upper = sum(sy(y) < (T + B) / 2 for _, y in pts)
+    legend_y = T + 6 if upper <= len(pts) / 2 else B - 6 - 14 * len(series)
     for i, (label, (xs, ys)) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
         xy = [(sx(x), sy(y)) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
@@ -1401,18 +1401,20 @@ def draw_panel(draw, box, series, title, xlabel, ylabel):
             draw.line(xy, fill=color, width=2)
         for px, py in xy:
             draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=color)
-        ly = T + 6 + 14 * i                                    # legend, top right
+        ly = legend_y + 14 * i
         draw.line((R - 110, ly + 5, R - 95, ly + 5), fill=color, width=2)
         draw.text((R - 90, ly), label, fill="black", font=font)
 
 
 def line_plot(panels, path, panel_size=(420, 300)):
-    """panels: list of dicts(title, xlabel, ylabel, series={label: (xs, ys)}), drawn side by side."""
+    """panels: list of dicts(title, xlabel, ylabel, series={label: (xs, ys)}, optional ymin),
+    drawn side by side."""
     W, H = panel_size
     img = Image.new("RGB", (W * len(panels), H), "white")
     draw = ImageDraw.Draw(img)
     for i, p in enumerate(panels):
-        draw_panel(draw, (i * W, 0, (i + 1) * W, H), p["series"], p["title"], p["xlabel"], p["ylabel"])
+        draw_panel(draw, (i * W, 0, (i + 1) * W, H), p["series"], p["title"], p["xlabel"], p["ylabel"],
+                   p.get("ymin"))
     img.save(path)
 
 
@@ -1427,7 +1429,7 @@ def plot_curves(history, knn_init, path, title=""):
         dict(title=f"{title}: training loss", xlabel="epoch", ylabel="loss",
              series={"loss": (ep, [h["loss"] for h in history])}),
         dict(title="kNN accuracy (test)", xlabel="epoch", ylabel="top-1 %", series=knn_series),
-        dict(title="collapse monitor", xlabel="epoch", ylabel="std x sqrt(d)",
+        dict(title="collapse monitor", xlabel="epoch", ylabel="std x sqrt(d)", ymin=0.0,
              series={"embeddings": (ep, [h["emb_std"] / h["emb_std_ref"] for h in history]),
                      "healthy (1)": ([0, ep[-1]], [1.0, 1.0])}),
     ], path)

@@ -35,7 +35,7 @@ def make_parser():
     p = argparse.ArgumentParser(description="SimCLR self-supervised pretraining.")
     common.add_common_args(p, arch="resnet18")
     g = p.add_argument_group("SimCLR")
-    g.add_argument("--epochs", type=int, default=200, help="passes over the training set")
+    g.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
     g.add_argument("--batch-size", type=common.positive_int, default=512,
                    help="images per step; each gives 2 views, so 2*B-2 negatives per anchor")
     g.add_argument("--lr", type=common.positive_float, default=0.4,
@@ -43,7 +43,7 @@ def make_parser():
     g.add_argument("--optimizer", default="lars", choices=["lars", "sgd"],
                    help="LARS keeps large-batch contrastive training stable")
     g.add_argument("--weight-decay", type=float, default=1e-5, help="L2 penalty on weight matrices")
-    g.add_argument("--warmup-epochs", type=int, default=10,
+    g.add_argument("--warmup-epochs", type=common.nonneg_int, default=10,
                    help="linear LR warmup; the large LARS LR diverges without it")
     g.add_argument("--temperature", type=common.positive_float, default=0.2,
                    help="tau in the softmax; smaller weights the hardest negatives more")
