@@ -31,7 +31,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
-bench:
+bench: $(if $(filter $(PY),$(BENCH_PY)),$(VENV)/.installed)
 	$(BENCH_PY) simclr.py --data $(BENCH_DATA) --epochs $(BENCH_EPOCHS) --eval-every 0 --bench \
 		--out runs/bench-simclr-$$(date +%Y%m%d-%H%M%S)
 
