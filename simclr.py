@@ -87,7 +87,7 @@ def info_nce(z1, z2, temperature):
     logits = z @ z.T / temperature                             # (2N, 2N)
     self_mask = torch.eye(2 * N, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_mask, float("-inf"))      # a view is not its own candidate
-    positive = torch.cat([torch.arange(N, 2 * N), torch.arange(0, N)]).to(z.device)   # (2N,)
+    positive = (torch.arange(2 * N, device=z.device) + N) % (2 * N)   # (2N,): i's other view
     return F.cross_entropy(logits, positive)
 
 
