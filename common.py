@@ -897,10 +897,15 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step for each weight tensor is rescaled by the trust ratio
     eta * ||w|| / ||g + wd * w|| (You et al., arXiv 1708.03888): each layer moves by a set
     fraction of its own size, which keeps large-batch training stable. Groups with
-    lars=False (biases, norms) take plain SGD steps and, by convention, no weight decay."""
+    lars=False (biases, norms) take plain SGD steps and, by convention, no weight decay.
 
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.02):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True))
+    clip=True is the "clip" mode of NVIDIA's LARC, used by solo-learn's CIFAR recipes whose
+    learning rates we take: the layer's rate is min(trust ratio, lr) rather than
+    lr * trust ratio, so the global lr is a ceiling and eta sets the step size."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.02, clip=True):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True,
+                                      clip=clip))
 
     @torch.no_grad()
     def step(self):
@@ -915,8 +920,10 @@ class LARS(torch.optim.Optimizer):
                 # Norms of all tensors at once: a few kernels, not a Python loop of them.
                 w_norm = torch.stack(torch._foreach_norm(params))
                 g_norm = torch.stack(torch._foreach_norm(grads))
-                trust = torch.where((w_norm > 0) & (g_norm > 0), g["eta"] * w_norm / g_norm,
-                                    torch.ones_like(w_norm))
+                trust = g["eta"] * w_norm / g_norm
+                if g["clip"]:
+                    trust = torch.clamp(trust / g["lr"], max=1.0)    # lr * trust = min(eta ||w||/||g||, lr)
+                trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(w_norm))
                 grads = torch._foreach_mul(grads, list(trust.unbind()))
             bufs = []
             for p, d in zip(params, grads):
@@ -959,6 +966,12 @@ def ema_update(target, online, momentum):
     torch._foreach_add_(t_params, o_params, alpha=1 - momentum)
     for tb, ob in zip(target.buffers(), online.buffers()):
         tb.copy_(ob)
+
+
+def cosine_momentum(step, total, base):
+    """BYOL's EMA schedule: tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, from tau_base at
+    step 0 to 1 at the last step, so the teacher freezes as training settles."""
+    return 1 - (1 - base) * (math.cos(math.pi * min(step / max(1, total), 1.0)) + 1) / 2
 
 
 def embedding_std(z):
@@ -1319,6 +1332,8 @@ def linear_probe(backbone, data, stats, epochs=100, lr=1e-3, batch_size=256):
     train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
     g = torch.Generator(device="cpu").manual_seed(0)
     clf = nn.Linear(train_f.shape[1], len(data.classes)).to(train_f.device)
+    nn.init.zeros_(clf.weight), nn.init.zeros_(clf.bias)      # a convex problem: no random init needed,
+    #                                                           and the result does not depend on the RNG
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * math.ceil(len(train_f) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)

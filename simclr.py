@@ -43,7 +43,7 @@ def make_parser():
                    help="base learning rate per 256 images (scaled linearly with --batch-size)")
     g.add_argument("--optimizer", default="lars", choices=["lars", "sgd"],
                    help="LARS keeps large-batch contrastive training stable")
-    g.add_argument("--weight-decay", type=float, default=1e-5, help="L2 penalty on weight matrices")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty on weight matrices")
     g.add_argument("--warmup-epochs", type=common.nonneg_int, default=10,
                    help="linear LR warmup; the large LARS LR diverges without it")
     g.add_argument("--temperature", type=common.positive_float, default=0.2,

@@ -1,0 +1,161 @@
+"""BYOL: predict a slow teacher's embedding of another view; no negatives at all.
+
+The idea (Grill et al. 2020, arXiv 2006.07733): an online network looks at one view and
+predicts the embedding that a target network gives to the other view. The target is an
+exponential moving average of the online network and receives no gradient. Without
+negatives nothing in the loss forbids the trivial solution (every image mapped to one
+point); what keeps BYOL away from it in practice is the asymmetry: a predictor on the online
+side only, and a target that moves slowly. `--no-predictor` removes the first and shows the
+collapse the lecture warns about. The lecture's pieces:
+
+    1. data augmentation   two asymmetric views (blur/solarise differ)    (common.byol_augments)
+    2. online network      encoder f_theta, projector g_theta, predictor q_theta:  p = q(g(f(v)))
+    3. target network      encoder f_xi, projector g_xi:  z' = g_xi(f_xi(v')), no gradient,
+                           xi <- tau xi + (1 - tau) theta, tau from tau_base to 1 (cosine)
+    4. loss                2 - 2 cos(p, z'), eq. (2), symmetrised over the views  (byol_loss)
+
+Notation: N batch, D projection dimension, tau the target's EMA momentum.
+
+Run:
+    python byol.py --data shapes --image-size 16 --width 16 --epochs 15   # CPU, a few minutes
+    python byol.py --epochs 200                                           # CIFAR-10, one GPU
+    python byol.py --no-predictor --epochs 20                             # watch it collapse
+
+Result: CIFAR-10 on a GPU not yet measured (no GPU was available to the session that wrote it).
+"""
+
+import argparse
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+# ============================================================================================
+# Configuration
+# Defaults follow solo-learn's CIFAR-10 BYOL recipe (LARS 1.0 per 256 images, weight decay
+# 1e-5, 4096-wide projector and predictor, tau from 0.99 to 1) at batch 512.
+# ============================================================================================
+
+def make_parser():
+    p = argparse.ArgumentParser(description="BYOL self-supervised pretraining.")
+    common.add_common_args(p, arch="resnet18")
+    g = p.add_argument_group("BYOL")
+    g.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
+    g.add_argument("--batch-size", type=common.positive_int, default=512,
+                   help="images per step; BYOL has no negatives, so it is far less batch-hungry than SimCLR")
+    g.add_argument("--lr", type=common.positive_float, default=1.0,
+                   help="base learning rate per 256 images (scaled linearly with --batch-size)")
+    g.add_argument("--optimizer", default="lars", choices=["lars", "sgd"], help="LARS, as in the paper")
+    g.add_argument("--weight-decay", type=float, default=1e-5, help="L2 penalty on weight matrices")
+    g.add_argument("--warmup-epochs", type=common.nonneg_int, default=10, help="linear LR warmup")
+    g.add_argument("--tau-base", type=float, default=0.99,
+                   help="the target's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine")
+    g.add_argument("--predictor", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-predictor drops q_theta: the asymmetry goes and the embeddings collapse")
+    g.add_argument("--proj-hidden", type=common.positive_int, default=4096, help="projector hidden width")
+    g.add_argument("--proj-dim", type=common.positive_int, default=256, help="dimension of z and p")
+    g.add_argument("--pred-hidden", type=common.positive_int, default=4096, help="predictor hidden width")
+    return p
+
+
+# ============================================================================================
+# Model: online network (with predictor) and target network (its EMA)
+# ============================================================================================
+
+class BYOL(nn.Module):
+    def __init__(self, backbone, proj_hidden, proj_dim, pred_hidden, predictor=True):
+        super().__init__()
+        self.online = nn.Sequential(backbone, common.mlp([backbone.dim, proj_hidden, proj_dim]))  # g(f(x)) (N, D)
+        self.predictor = common.mlp([proj_dim, pred_hidden, proj_dim]) if predictor else nn.Identity()
+        # The target starts as a copy and moves only through ema_update: no optimizer sees it.
+        self.target = copy.deepcopy(self.online).requires_grad_(False)
+
+    @property
+    def backbone(self):
+        return self.online[0]
+
+    def forward(self, x):
+        """Predictions p (N, D) of the online network and projections z (N, D) of the target,
+        both for the same images x; the caller pairs them across views."""
+        p = self.predictor(self.online(x))                     # (N, D)
+        with torch.no_grad():
+            z = self.target(x)                                 # (N, D)
+        return p, z
+
+
+# ============================================================================================
+# The loss
+# ============================================================================================
+
+def byol_loss(p, z):
+    """Eq. (2) of the paper, the mean over the batch of
+
+        || p/|p| - z/|z| ||^2  =  2 - 2 cos(p, z)
+
+    p (N, D) from the online network; z (N, D) from the target, a fixed regression target:
+    the gradient never flows into it (detached here, whatever the caller passes)."""
+    p = F.normalize(p.float(), dim=1)
+    z = F.normalize(z.detach().float(), dim=1)
+    return (2 - 2 * (p * z).sum(1)).mean()
+
+
+# ============================================================================================
+# One training step
+# ============================================================================================
+
+def train_step(model, optimizer, x1, x2, tau, run):
+    """Both views in one forward pass; the online prediction of each view regresses the
+    target's projection of the other (the paper's L + L~). The target then follows."""
+    with run.autocast():
+        p, z = model(torch.cat([x1, x2]))                      # (2N, D) each
+        p1, p2 = p.chunk(2)                                    # (N, D) each
+        z1, z2 = z.chunk(2)
+        loss = byol_loss(p1, z2) + byol_loss(p2, z1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    common.ema_update(model.target, model.online, tau)        # xi <- tau xi + (1 - tau) theta
+    return loss, p1
+
+
+# ============================================================================================
+# main
+# ============================================================================================
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.tau_base < 1:
+        raise common.UserError(f"--tau-base {args.tau_base}: must be in [0, 1).")
+    run = common.Run(args, "byol", parser)
+
+    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
+    model = run.prepare(BYOL(backbone, args.proj_hidden, args.proj_dim, args.pred_hidden, args.predictor))
+    base_lr = args.lr * args.batch_size / 256
+    optimizer = common.make_optimizer(model, args.optimizer, base_lr, args.weight_decay)
+    run.start(model, optimizer, model.backbone)
+    augment1, augment2 = common.byol_augments(run.stats, run.data.image_size)
+    run.save_views([augment1, augment2])
+    forward = run.compiled(model)
+
+    for epoch in range(run.start_epoch, args.epochs):
+        for step, x in run.batches(epoch):                     # x: (B, 3, H, W) uint8
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps,
+                                                      args.warmup_epochs * run.steps_per_epoch, base_lr))
+            tau = common.cosine_momentum(step, run.total_steps, args.tau_base)
+            x1, x2 = augment1(x), augment2(x)                  # (B, 3, H, W) fp32 each
+            loss, z = train_step(forward, optimizer, x1, x2, tau, run)
+            run.log_step(loss, z)
+        run.end_epoch(epoch)
+
+    x = run.data.train_x[:args.batch_size]
+    x1, x2 = augment1(x), augment2(x)
+    run.finish(bench_step=lambda: train_step(forward, optimizer, x1, x2, args.tau_base, run))
+
+
+if __name__ == "__main__":
+    common.run_main(main)

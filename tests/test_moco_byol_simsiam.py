@@ -1,0 +1,248 @@
+"""MoCo, BYOL and SimSiam pieces against independent oracles: naive loops over candidates,
+closed forms, a Python deque for the queue, per-group BatchNorm for the split BatchNorm."""
+import collections
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import byol
+import common
+import moco
+import simsiam
+
+
+def unit(t):
+    return t / t.norm(dim=1, keepdim=True)
+
+
+# --- MoCo --------------------------------------------------------------------------------
+
+def naive_moco_loss(q, k, queue, tau):
+    """For each query, -log softmax of candidate 0 among [k+, queue_1, ..., queue_K]."""
+    q, k, queue = unit(q.double()), unit(k.double()), unit(queue.double())
+    total = 0.0
+    for i in range(len(q)):
+        candidates = [k[i]] + list(queue)
+        logits = [float(q[i] @ c) / tau for c in candidates]
+        total += -logits[0] + math.log(sum(math.exp(x) for x in logits))
+    return total / len(q)
+
+
+@given(N=st.integers(1, 8), D=st.integers(1, 12), K=st.integers(1, 20), tau=st.floats(0.05, 1.0),
+       seed=st.integers(0, 10**6))
+def test_moco_loss_matches_naive_loop(N, D, K, tau, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, queue = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g), torch.randn(K, D, generator=g)
+    got = moco.moco_loss(q, k, queue, tau).item()
+    assert math.isclose(got, naive_moco_loss(q, k, queue, tau), rel_tol=1e-4, abs_tol=1e-4)
+
+
+@given(K=st.integers(1, 50), D=st.integers(2, 8))
+def test_moco_loss_when_everything_is_equal_is_log_k_plus_1(K, D):
+    """One point for queries, keys and queue: K+1 equally likely candidates."""
+    v = torch.ones(1, D)
+    assert math.isclose(moco.moco_loss(v, v, v.repeat(K, 1), 0.2).item(), math.log(K + 1), rel_tol=1e-5)
+
+
+@given(N=st.integers(1, 6), D=st.integers(2, 8), tau=st.floats(0.05, 1.0), seed=st.integers(0, 10**6))
+def test_moco_v3_loss_matches_naive_loop(N, D, tau, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+    qn, kn = unit(q.double()), unit(k.double())
+    total = 0.0
+    for i in range(N):
+        logits = [float(qn[i] @ kn[j]) / tau for j in range(N)]
+        total += -logits[i] + math.log(sum(math.exp(x) for x in logits))
+    expected = 2 * tau * total / N
+    assert math.isclose(moco.moco_v3_loss(q, k, tau).item(), expected, rel_tol=1e-4, abs_tol=1e-4)
+
+
+@given(K=st.integers(1, 12), sizes=st.lists(st.integers(1, 30), min_size=1, max_size=8), seed=st.integers(0, 1000))
+def test_queue_is_a_fifo_like_a_deque(K, sizes, seed):
+    """Push batches of drawn sizes (smaller, equal and larger than K, wrapping around);
+    the queue read oldest-first must equal a deque(maxlen=K) fed the same keys."""
+    torch.manual_seed(seed)
+    D = 3
+    queue = moco.KeyQueue(K, D, torch.device("cpu"))
+    model = collections.deque((row.clone() for row in queue.keys), maxlen=K)
+    for n in sizes:
+        keys = F.normalize(torch.randn(n, D), dim=1)
+        queue.push(keys)
+        model.extend(keys)
+        assert torch.allclose(queue.oldest_first(), torch.stack(list(model)), atol=1e-6)
+        assert 0 <= queue.ptr < K
+
+
+def test_queue_state_round_trip():
+    q1 = moco.KeyQueue(10, 4, torch.device("cpu"))
+    q1.push(torch.randn(7, 4))
+    q2 = moco.KeyQueue(10, 4, torch.device("cpu"))
+    q2.load(q1.state())
+    assert q2.ptr == q1.ptr == 7 and torch.equal(q2.keys, q1.keys)
+
+
+@given(G=st.sampled_from([1, 2, 4]), n=st.integers(2, 5), image=st.booleans(), affine=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_split_batchnorm_equals_batchnorm_per_group(G, n, image, affine, seed):
+    """Training output: each group of rows normalised by its own statistics, exactly what
+    G separate BatchNorms on G devices would give. Running stats: the mean over groups.
+    For the ResNet's (N, C, H, W) maps and the projector's (N, C) vectors alike."""
+    torch.manual_seed(seed)
+    C = 3
+    x = torch.randn(G * n, C, 4, 4) * 3 + 1 if image else torch.randn(G * n, C) * 3 + 1
+    make_bn = nn.BatchNorm2d if image else nn.BatchNorm1d
+    bn = make_bn(C, affine=affine)
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+    split = moco.split_batchnorm(nn.Sequential(bn), G)[0]
+    assert isinstance(split, moco.SplitBatchNorm)
+    y = split(x)
+    dims = (0, 2, 3) if image else (0,)
+    means, vars_ = [], []
+    for chunk, y_chunk in zip(x.chunk(G), y.chunk(G)):
+        ref = make_bn(C, affine=affine)
+        ref.load_state_dict(bn.state_dict())
+        assert torch.allclose(y_chunk, ref(chunk), atol=1e-5)
+        means.append(chunk.mean(dims))
+        vars_.append(chunk.var(dims, unbiased=True))
+    assert torch.allclose(split.running_mean, 0.1 * torch.stack(means).mean(0), atol=1e-5)
+    assert torch.allclose(split.running_var, 0.9 + 0.1 * torch.stack(vars_).mean(0), atol=1e-5)
+    split.eval()
+    ref = make_bn(C, affine=affine)
+    ref.load_state_dict(split.state_dict())
+    assert torch.allclose(split(x), ref.eval()(x), atol=1e-6)
+
+
+def test_split_batchnorm_keeps_channels_last_and_loads_into_plain_resnet():
+    net = moco.split_batchnorm(common.build_backbone("resnet18", 16, width=8), 2)
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    bn_out = net.stem[1](net.stem[0](x))
+    assert bn_out.is_contiguous(memory_format=torch.channels_last)
+    plain = common.build_backbone("resnet18", 16, width=8)
+    plain.load_state_dict(net.state_dict())                    # same names, same buffers
+
+
+def tiny_moco(version=2, splits=2):
+    model = moco.MoCo(common.build_backbone("resnet18", 16, width=8), 32, 16, version)
+    return moco.split_batchnorm(model, splits) if splits > 1 else model
+
+
+def test_moco_key_encoder_gets_no_gradient_and_moves_by_ema():
+    torch.manual_seed(0)
+    model = tiny_moco()
+    args = moco.make_parser().parse_args(["--momentum", "0.9", "--temperature", "0.2"])
+    queue = moco.KeyQueue(32, 16, torch.device("cpu"))
+    opt = common.make_optimizer(model, "sgd", 0.1, 0.0)
+    assert all(id(p) not in {id(q) for g in opt.param_groups for q in g["params"]} for p in model.encoder_k.parameters())
+    k_before = [p.detach().clone() for p in model.encoder_k.parameters()]
+    q_before = [p.detach().clone() for p in model.encoder_q.parameters()]
+
+    class NoAutocast:
+        def autocast(self):
+            return torch.autocast("cpu", enabled=False)
+    x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    loss, q = moco.train_step(model, opt, queue, x1, x2, args, NoAutocast())
+    assert torch.isfinite(loss) and q.shape == (4, 16)
+    for p, kb, qb in zip(model.encoder_k.parameters(), k_before, q_before):
+        assert p.grad is None and not p.requires_grad
+        assert torch.allclose(p, 0.9 * kb + 0.1 * qb, atol=1e-6)     # EMA of the pre-step query weights
+    assert queue.ptr == 8                                      # symmetric: both views' keys enqueued
+    assert any(p.grad is not None for p in model.encoder_q.parameters())
+
+
+def test_moco_keys_are_unshuffled_and_normalised_within_their_shuffled_group():
+    """In eval mode (no batch statistics) the shuffle must be invisible: k equals the key
+    encoder applied to x in order. In train mode, replay the same permutation and encode
+    each half of the shuffled batch on its own, as two GPUs would: same keys, same order."""
+    torch.manual_seed(0)
+    model = tiny_moco(splits=2).eval()
+    x = torch.randn(8, 3, 16, 16)
+    _, k = model(x, x)
+    assert torch.allclose(k, model.encoder_k(x), atol=1e-5)
+
+    model.train()
+    torch.manual_seed(1)
+    _, k = model(x, x)
+    torch.manual_seed(1)
+    perm = torch.randperm(8)                                   # the draw forward() made
+    for m in model.encoder_k.modules():
+        if isinstance(m, moco.SplitBatchNorm):
+            m.groups = 1                                       # plain BatchNorm from here on
+    with torch.no_grad():
+        shuffled_keys = torch.cat([model.encoder_k(half) for half in x[perm].chunk(2)])
+    expected = torch.empty_like(shuffled_keys)
+    expected[perm] = shuffled_keys                             # row perm[j] of x gave row j
+    assert torch.allclose(k, expected, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(k, model.encoder_k(x), atol=1e-3)   # whole-batch BN differs
+
+
+# --- BYOL --------------------------------------------------------------------------------
+
+@given(N=st.integers(1, 8), D=st.integers(1, 12), seed=st.integers(0, 10**6))
+def test_byol_loss_closed_form(N, D, seed):
+    """Mean over rows of || p/|p| - z/|z| ||^2, written with the squared distance."""
+    g = torch.Generator().manual_seed(seed)
+    p, z = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+    expected = ((unit(p.double()) - unit(z.double())) ** 2).sum(1).mean().item()
+    assert math.isclose(byol.byol_loss(p, z).item(), expected, rel_tol=1e-4, abs_tol=1e-5)
+
+
+def test_byol_loss_ends():
+    p = torch.randn(5, 7)
+    assert byol.byol_loss(p, 3 * p).item() == pytest.approx(0, abs=1e-6)      # same direction
+    assert byol.byol_loss(p, -p).item() == pytest.approx(4, abs=1e-5)        # opposite
+
+
+def test_byol_and_simsiam_losses_send_no_gradient_into_z():
+    p = torch.randn(6, 5, requires_grad=True)
+    for loss_fn in (byol.byol_loss, simsiam.simsiam_loss):
+        z = torch.randn(6, 5, requires_grad=True)
+        loss_fn(p, z).backward()
+        assert z.grad is None and p.grad is not None and p.grad.abs().sum() > 0
+        p.grad = None
+    z = torch.randn(6, 5, requires_grad=True)
+    simsiam.simsiam_loss(p, z, stop_grad=False).backward()   # the ablation: now z gets one
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_byol_target_gets_no_gradient_and_follows_by_ema():
+    torch.manual_seed(0)
+    model = byol.BYOL(common.build_backbone("resnet18", 16, width=8), 32, 16, 32)
+    opt = common.make_optimizer(model, "sgd", 0.1, 0.0)
+    t_before = [p.detach().clone() for p in model.target.parameters()]
+
+    class NoAutocast:
+        def autocast(self):
+            return torch.autocast("cpu", enabled=False)
+    byol.train_step(model, opt, torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), 0.8, NoAutocast())
+    for p, tb, o in zip(model.target.parameters(), t_before, model.online.parameters()):
+        assert p.grad is None and not p.requires_grad
+        assert torch.allclose(p, 0.8 * tb + 0.2 * o.detach(), atol=1e-6)   # EMA of the post-step online
+
+
+@given(total=st.integers(1, 10_000), base=st.floats(0.0, 0.999))
+def test_cosine_momentum_ends_and_rises(total, base):
+    assert common.cosine_momentum(0, total, base) == pytest.approx(base)
+    assert common.cosine_momentum(total, total, base) == pytest.approx(1.0)
+    values = [common.cosine_momentum(s, total, base) for s in range(0, total + 1, max(1, total // 7))]
+    assert all(a <= b + 1e-12 for a, b in zip(values, values[1:]))
+    if total % 2 == 0:
+        assert common.cosine_momentum(total // 2, total, base) == pytest.approx((1 + base) / 2)
+
+
+# --- SimSiam -----------------------------------------------------------------------------
+
+@given(N=st.integers(1, 8), D=st.integers(1, 12), seed=st.integers(0, 10**6))
+def test_simsiam_loss_closed_form(N, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    p, z = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+    cos = [float(p[i].double() @ z[i].double() / (p[i].double().norm() * z[i].double().norm())) for i in range(N)]
+    assert math.isclose(simsiam.simsiam_loss(p, z).item(), -sum(cos) / N, rel_tol=1e-4, abs_tol=1e-5)
+    assert math.isclose(simsiam.simsiam_loss(p, z, stop_grad=False).item(), -sum(cos) / N, rel_tol=1e-4, abs_tol=1e-5)
