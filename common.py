@@ -742,12 +742,23 @@ class ViT(nn.Module):
     def embed(self, x, ids_keep=None):
         """Images (B, 3, H, W) -> tokens (B, 1 + L', D), [CLS] first. With ids_keep (B, L'),
         only those patches are kept (MAE's encoder sees the visible 25% and nothing else)."""
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)    # (B, L, D)
-        x = x + self.pos_embed[:, 1:]                          # position before the subset
+        x = self.patch_embed(x)                                # (B, D, h, w) patch grid
+        x = x.flatten(2).transpose(1, 2) + self.patch_positions(x.shape[2])   # (B, L, D), L = h*w
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))   # (B, L', D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)      # (B, 1, D)
         return torch.cat([cls, x], 1)
+
+    def patch_positions(self, grid):
+        """Positional embeddings of a grid x grid patch image (1, grid*grid, D). Smaller images
+        (DINO's local crops) get the trained grid resized, so a patch keeps its relative place."""
+        pos = self.pos_embed[:, 1:]                            # (1, L, D) for the training size
+        n = math.isqrt(pos.shape[1])
+        if grid == n:
+            return pos
+        pos = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)     # (1, D, n, n)
+        pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False)
+        return pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)   # (1, grid*grid, D)
 
     def tokens(self, x, ids_keep=None):
         x = self.embed(x, ids_keep)
@@ -860,7 +871,8 @@ def add_common_args(p, arch="resnet18"):
                    help="continue from a checkpoint.pt up to --epochs, writing into its folder")
     g.add_argument("--eval-every", type=nonneg_int, default=10,
                    help="kNN every N epochs (0 = only at the end); it always runs at the end")
-    g.add_argument("--linear-probe", action="store_true", help="also fit a linear probe at the end")
+    g.add_argument("--linear-probe", action=argparse.BooleanOptionalAction, default=False,
+                   help="also fit a linear probe on frozen features at the end")
     g.add_argument("--bench", action="store_true",
                    help="at the end, time the model alone (no data, no augmentation) and print the speed table")
     return p
@@ -946,8 +958,8 @@ def make_optimizer(modules, name, lr, weight_decay, momentum=0.9):
         params = [p for p in module.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
-        groups += [dict(params=decay, weight_decay=weight_decay, lars=True, lr_scale=scale),
-                   dict(params=no_decay, weight_decay=0.0, lars=False, lr_scale=scale)]
+        groups += [dict(params=decay, weight_decay=weight_decay, lars=True, decay=True, lr_scale=scale),
+                   dict(params=no_decay, weight_decay=0.0, lars=False, decay=False, lr_scale=scale)]
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum)
     if name == "sgd":
@@ -1213,7 +1225,7 @@ class Run:
         if self.args.bench and bench_step is not None:
             summary.update(measure_bound(bench_step, self.args.batch_size, self.device))
             summary["bound_ratio"] = epoch_s / (self.steps_per_epoch * self.args.batch_size / summary["bound_images_per_s"])
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.write_summary(summary)
         plot_curves(self.history, self.knn_init, self.out / "curves.png", title=f"{self.method} on {self.data.name}")
         msg = [f"done: {self.args.epochs} epochs in {_hms(self.train_seconds)}"]
         if summary["knn_top1"] is not None:
@@ -1224,6 +1236,10 @@ class Run:
         if "bound_ratio" in summary:
             print(speed_table(summary))
         return summary
+
+    def write_summary(self, summary):
+        """summary.json; a method may call it again after finish() with results of its own."""
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def save_views(self, augments, n=8):
         """views.png: each row one test (or train) image, then views from each recipe."""
@@ -1349,6 +1365,44 @@ def linear_probe(backbone, data, stats, epochs=100, lr=1e-3, batch_size=256):
                 sched.step()
     with torch.no_grad():
         return (clf(test_f).argmax(1) == data.test_y).float().mean().item()
+
+
+def fine_tune(backbone, data, stats, epochs, lr=1e-3, batch_size=256, weight_decay=0.05, warmup_epochs=5,
+              label_smoothing=0.1, name="fine-tune"):
+    """Test top-1 after training the whole backbone plus a linear head with labels: AdamW,
+    warmup then cosine, crop+flip, label smoothing, bf16 on CUDA. Used with the same
+    arguments for a pretrained encoder and a randomly initialised one, the gap between the two
+    is what pretraining bought. Trains `backbone` in place: pass a copy to keep the original."""
+    device = data.train_x.device
+    cuda = device.type == "cuda"
+    model = nn.Sequential(backbone, nn.Linear(backbone.dim, len(data.classes))).to(device)
+    optimizer = make_optimizer(model, "adamw", lr, weight_decay)
+    augment = Augment(size=data.image_size, scale=(0.35, 1.0), jitter_p=0.0, gray_p=0.0, mean=stats[0], std=stats[1])
+    B = min(batch_size, len(data.train_x))
+    steps = len(data.train_x) // B
+    t0 = time.time()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(data.train_x), device=device)
+        loss_sum = torch.zeros((), device=device)
+        for i in range(steps):
+            set_lr(optimizer, cosine_lr(epoch * steps + i, epochs * steps, warmup_epochs * steps, lr))
+            idx = perm[i * B:(i + 1) * B]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                loss = F.cross_entropy(model(augment(data.train_x[idx])), data.train_y[idx],
+                                       label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach().float()
+        if (epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs:
+            print(f"{name}: epoch {epoch + 1}/{epochs} loss {(loss_sum / steps).item():.4f} "
+                  f"({time.time() - t0:.0f}s)", file=sys.stderr)
+    model.eval()
+    with torch.no_grad():
+        features = extract_features(backbone, data.test_x, stats)
+        pred = model[1](features).argmax(1)
+    return (pred == data.test_y).float().mean().item()
 
 
 # ============================================================================================

@@ -1,24 +1,19 @@
 """simclr.py end to end on CPU: smoke run, resume, clear errors for bad input."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import common
 import simclr
-from conftest import ROOT
+from conftest import TINY as TINY_COMMON
+from conftest import run_script as run_any_script
 
-TINY = ["--data", "shapes", "--image-size", "16", "--subset", "256", "--width", "8", "--batch-size", "64",
-        "--proj-hidden", "64", "--proj-dim", "32", "--warmup-epochs", "1", "--device", "cpu"]
+TINY = TINY_COMMON + ["--proj-hidden", "64", "--proj-dim", "32"]
 
 
 def run_script(*args, cwd=None):
-    env = dict(os.environ, SSL_OFFLINE="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, str(ROOT / "simclr.py"), *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+    return run_any_script("simclr.py", *args, cwd=cwd)
 
 
 def test_smoke_run_writes_every_output(tmp_path):

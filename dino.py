@@ -1,0 +1,269 @@
+"""DINO: self-distillation with no labels, on a Vision Transformer.
+
+The idea (Caron et al. 2021, arXiv 2104.14294): a student network is trained to output the
+same probability distribution over K "prototypes" as a teacher network, for different crops
+of one image. The teacher is an exponential moving average of the student (no gradient) and
+sees only the two large global crops; the student also sees small local crops, so it must
+infer the whole from a part ("local-to-global"). No negatives: two operations on the
+teacher's output keep it from collapsing, and they pull in opposite directions:
+
+    centering    subtract a running mean c of the teacher's logits: no prototype may dominate
+                 (alone, this would push towards the uniform distribution)
+    sharpening   a low teacher temperature (0.04 -> 0.07): the distribution must be peaked
+                 (alone, this would push towards one prototype for every image)
+
+The lecture's pieces:
+    1. multi-crop          2 global crops at full size + M local crops  (common.multicrop_augments)
+    2. student g_s         ViT-Tiny/4 + DINO head (MLP, L2-normalised bottleneck, weight-normalised
+                           last layer to K outputs), P_s = softmax(g_s(x) / T_s)
+    3. teacher g_t         the same, theta_t <- m theta_t + (1 - m) theta_s, m from 0.996 to 1
+    4. loss                sum over pairs of H(P_t(global j), P_s(crop i)), i != j   (dino_loss)
+    5. attention maps      the last block's [CLS] attention, per head: attention.png
+
+Notation: B batch, K prototypes (head outputs), S student crops (2 + M), L patches.
+
+Run:
+    python dino.py --data shapes --epochs 15 --local-crops 2               # CPU, a few minutes
+    python dino.py --epochs 200                                           # CIFAR-10, one GPU
+
+Result: CIFAR-10 on a GPU not yet measured (no GPU was available to the session that wrote it).
+"""
+
+import argparse
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+# ============================================================================================
+# Configuration
+# Defaults follow the paper's ViT recipe (AdamW 5e-4 per 256 images, weight decay 0.04 ->
+# 0.4, teacher momentum 0.996, temperatures 0.1 / 0.04 -> 0.07, centre momentum 0.9,
+# gradient clipping at 3) with CIFAR-sized crops and head (4096 prototypes, 6 local crops of 16 px).
+# ============================================================================================
+
+def make_parser():
+    p = argparse.ArgumentParser(description="DINO self-supervised pretraining.")
+    common.add_common_args(p, arch="vit_tiny")
+    g = p.add_argument_group("DINO")
+    g.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
+    g.add_argument("--batch-size", type=common.positive_int, default=512, help="images per step")
+    g.add_argument("--lr", type=common.positive_float, default=5e-4,
+                   help="base learning rate per 256 images (scaled linearly with --batch-size)")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
+                   help="AdamW for ViTs, as in the paper")
+    g.add_argument("--weight-decay", type=float, default=0.04, help="weight decay at the start ...")
+    g.add_argument("--weight-decay-end", type=float, default=0.4, help="... rising to this on a cosine")
+    g.add_argument("--warmup-epochs", type=common.nonneg_int, default=10, help="linear LR warmup")
+    g.add_argument("--momentum", type=float, default=0.996,
+                   help="the teacher's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine")
+    g.add_argument("--student-temp", type=common.positive_float, default=0.1, help="T_s")
+    g.add_argument("--teacher-temp", type=common.positive_float, default=0.07,
+                   help="T_t after warmup; lower is sharper")
+    g.add_argument("--warmup-teacher-temp", type=common.positive_float, default=0.04,
+                   help="T_t at step 0: a very sharp teacher early on keeps the start from collapsing")
+    g.add_argument("--warmup-teacher-temp-epochs", type=common.nonneg_int, default=30,
+                   help="epochs of linear rise from --warmup-teacher-temp to --teacher-temp")
+    g.add_argument("--center-momentum", type=float, default=0.9, help="EMA momentum of the centre c")
+    g.add_argument("--local-crops", type=common.nonneg_int, default=6,
+                   help="M small crops per image, seen by the student only")
+    g.add_argument("--local-size", type=common.positive_int, default=16, help="side of a local crop in pixels")
+    g.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm (0: no clipping)")
+    g.add_argument("--freeze-last-layer", type=common.nonneg_int, default=1,
+                   help="epochs during which the head's last layer is not updated (stabilises the start)")
+    g.add_argument("--head-hidden", type=common.positive_int, default=2048, help="head MLP width")
+    g.add_argument("--head-bottleneck", type=common.positive_int, default=256, help="L2-normalised bottleneck")
+    g.add_argument("--out-dim", type=common.positive_int, default=4096, help="K, prototypes")
+    return p
+
+
+# ============================================================================================
+# Model: DINO head, then student and teacher
+# ============================================================================================
+
+class DINOHead(nn.Module):
+    """MLP -> L2-normalised bottleneck -> weight-normalised linear layer to K logits. With the
+    rows of the last weight normalised (the weight norm's gain fixed at 1), every logit is a
+    cosine similarity between the bottleneck and one prototype."""
+
+    def __init__(self, in_dim, hidden, bottleneck, out_dim):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.prototypes = nn.Parameter(torch.randn(out_dim, bottleneck) * 0.02)   # (K, bottleneck)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, h):                                      # (N, in_dim)
+        x = F.normalize(self.mlp(h), dim=1)                    # (N, bottleneck) on the unit sphere
+        return x @ F.normalize(self.prototypes, dim=1).T       # (N, K)
+
+
+class DINO(nn.Module):
+    def __init__(self, backbone, hidden, bottleneck, out_dim):
+        super().__init__()
+        self.student = nn.Sequential(backbone, DINOHead(backbone.dim, hidden, bottleneck, out_dim))
+        # The teacher starts as a copy and moves only through ema_update: no optimizer sees it.
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+
+    def forward(self, global_crops, local_crops=None):
+        """global_crops (2B, 3, H, W), local_crops (MB, 3, h, w) or None, each crop-major
+        (all images' first crop, then all images' second crop, ...). Returns the student's
+        logits (S*B, K) for every crop and the teacher's (2B, K) for the global crops."""
+        s = [self.student(global_crops)]                       # (2B, K)
+        if local_crops is not None:
+            s.append(self.student(local_crops))                # (MB, K): a second pass, a smaller size
+        with torch.no_grad():
+            t = self.teacher(global_crops)                     # (2B, K)
+        return torch.cat(s), t
+
+
+# ============================================================================================
+# The loss
+# ============================================================================================
+
+def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp):
+    """student_out (S, B, K) logits for S crops, teacher_out (2, B, K) for the two global
+    crops; student crop i in {0, 1} is the same view as teacher crop i. center (K,).
+
+        P_t = softmax((g_t - c) / T_t)       centred, sharpened, no gradient
+        P_s = softmax(g_s / T_s)
+        L   = mean over pairs (j teacher, i student, i != j) of  mean_b  H(P_t[j, b], P_s[i, b])
+
+    with H(p, q) = -sum_k p_k log q_k, the cross-entropy."""
+    S = student_out.shape[0]
+    p_t = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1).detach()   # (2, B, K)
+    log_p_s = F.log_softmax(student_out.float() / student_temp, dim=-1)               # (S, B, K)
+    ce = -torch.einsum("jbk,ibk->jib", p_t, log_p_s).mean(-1)  # (2, S): H averaged over the batch
+    same_view = torch.eye(2, S, dtype=torch.bool, device=ce.device)   # teacher j vs student j
+    return ce[~same_view].mean()
+
+
+@torch.no_grad()
+def update_center(center, teacher_out, momentum):
+    """c <- m c + (1 - m) mean_b g_t(x_b), over both global crops; teacher_out (2, B, K)."""
+    return center * momentum + teacher_out.float().mean((0, 1)) * (1 - momentum)
+
+
+def teacher_temperature(step, warmup_steps, start, end):
+    """Linear from `start` to `end` over the warmup, then constant."""
+    return end if step >= warmup_steps else start + (end - start) * step / warmup_steps
+
+
+# ============================================================================================
+# One training step
+# ============================================================================================
+
+def train_step(model, optimizer, global_crops, local_crops, center, teacher_temp, momentum, args, run,
+               freeze_last_layer=False):
+    """Returns the loss, the student's global logits (for the collapse monitor) and the new
+    centre. The teacher follows the student after the step."""
+    B = global_crops.shape[0] // 2
+    with run.autocast():
+        s, t = model(global_crops, local_crops)                # (S*B, K), (2B, K)
+        s = s.view(-1, B, s.shape[-1])                         # (S, B, K)
+        t = t.view(2, B, t.shape[-1])                          # (2, B, K)
+        loss = dino_loss(s, t, center, args.student_temp, teacher_temp)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.clip_grad:
+        nn.utils.clip_grad_norm_(model.student.parameters(), args.clip_grad)   # on the device, no sync
+    if freeze_last_layer:
+        model.student[1].prototypes.grad = None                # the optimizer skips it this step
+    optimizer.step()
+    common.ema_update(model.teacher, model.student, momentum)
+    return loss, s[0], update_center(center, t, args.center_momentum)
+
+
+# ============================================================================================
+# Pictures
+# ============================================================================================
+
+@torch.no_grad()
+def save_attention(vit, images, stats, path):
+    """attention.png: each row one image, then for each head of the last block the [CLS]
+    token's attention over the patches, upsampled to the image and laid over it (bright =
+    attended). Without any label, heads come to attend to the object."""
+    was_training = vit.training
+    vit.eval()
+    x = common.normalize_images(images.float() / 255, *stats)
+    attn = vit.last_attention(x)[:, :, 0, 1:].float()         # (n, heads, L): [CLS] -> each patch
+    n, heads, L = attn.shape
+    g, S = math.isqrt(L), images.shape[-1]
+    maps = attn.reshape(n * heads, 1, g, g)
+    maps = maps / maps.amax((2, 3), keepdim=True)              # each map on [0, 1]
+    maps = F.interpolate(maps, size=(S, S), mode="bilinear", align_corners=False).clamp(0, 1)
+    maps = maps.reshape(n, heads, 1, S, S)
+    heat = torch.cat([maps.mul(2).clamp(max=1), maps.mul(2).sub(1).clamp(min=0), torch.zeros_like(maps)], 2)
+    img = images.float().div(255).unsqueeze(1)                 # (n, 1, 3, S, S)
+    overlay = 0.35 * img + 0.65 * heat                         # (n, heads, 3, S, S): black-red-yellow
+    grid = torch.cat([img, overlay], 1)                        # (n, 1 + heads, 3, S, S)
+    common.save_grid((grid * 255).round().byte().cpu(), path, scale=4)
+    vit.train(was_training)
+
+
+# ============================================================================================
+# main
+# ============================================================================================
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    for name in ("momentum", "center_momentum"):
+        if not 0 <= getattr(args, name) < 1:
+            raise common.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be in [0, 1).")
+    run = common.Run(args, "dino", parser)
+    if args.arch.startswith("vit") and args.local_crops and args.local_size % args.patch_size:
+        raise common.UserError(f"--local-size {args.local_size} is not a multiple of --patch-size {args.patch_size}.")
+
+    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
+    model = run.prepare(DINO(backbone, args.head_hidden, args.head_bottleneck, args.out_dim))
+    base_lr = args.lr * args.batch_size / 256
+    optimizer = common.make_optimizer(model, args.optimizer, base_lr, args.weight_decay)
+    teacher_backbone = model.teacher[0]                        # evaluated and exported: the better of the two
+    extra = run.start(model, optimizer, teacher_backbone)
+    center = extra.get("center", torch.zeros(args.out_dim)).to(run.device)   # (K,)
+    global1, global2, local = common.multicrop_augments(run.stats, run.data.image_size, args.local_size)
+    run.save_views([global1, global2, local])
+    forward = run.compiled(model)
+    warmup_temp_steps = args.warmup_teacher_temp_epochs * run.steps_per_epoch
+
+    def crops(x):                                              # x: (B, 3, H, W) uint8
+        g = torch.cat([global1(x), global2(x)])                # (2B, 3, H, W)
+        loc = local(x.repeat(args.local_crops, 1, 1, 1)) if args.local_crops else None   # (MB, 3, h, w)
+        return g, loc
+
+    for epoch in range(run.start_epoch, args.epochs):
+        for step, x in run.batches(epoch):                     # x: (B, 3, H, W) uint8
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps,
+                                                      args.warmup_epochs * run.steps_per_epoch, base_lr))
+            wd = args.weight_decay_end - (args.weight_decay_end - args.weight_decay) * \
+                (1 + math.cos(math.pi * step / run.total_steps)) / 2
+            for group in optimizer.param_groups:
+                if group["decay"]:                             # the matrices' groups; biases and norms stay at 0
+                    group["weight_decay"] = wd
+            temp = teacher_temperature(step, warmup_temp_steps, args.warmup_teacher_temp, args.teacher_temp)
+            momentum = common.cosine_momentum(step, run.total_steps, args.momentum)
+            g, loc = crops(x)
+            loss, z, center = train_step(forward, optimizer, g, loc, center, temp, momentum, args, run,
+                                         freeze_last_layer=epoch < args.freeze_last_layer)
+            run.log_step(loss, z)
+        run.end_epoch(epoch, {"center": center})
+
+    if isinstance(teacher_backbone, common.ViT):
+        src = run.data.test_x if run.data.test_x is not None else run.data.train_x
+        save_attention(teacher_backbone, src[:8], run.stats, run.out / "attention.png")
+    g, loc = crops(run.data.train_x[:args.batch_size])
+    run.finish(bench_step=lambda: train_step(forward, optimizer, g, loc, center, args.teacher_temp,
+                                             args.momentum, args, run))
+
+
+if __name__ == "__main__":
+    common.run_main(main)
