@@ -54,6 +54,8 @@ def make_parser():
     g.add_argument("--warmup-epochs", type=common.nonneg_int, default=10, help="linear LR warmup")
     g.add_argument("--tau-base", type=float, default=0.99,
                    help="the target's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine")
+    g.add_argument("--min-scale", type=common.positive_float, default=0.08,
+                   help="smallest crop as a fraction of the image area")
     g.add_argument("--predictor", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-predictor drops q_theta: the asymmetry goes and the embeddings collapse")
     g.add_argument("--proj-hidden", type=common.positive_int, default=4096, help="projector hidden width")
@@ -138,7 +140,7 @@ def main(argv=None):
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(model, args.optimizer, base_lr, args.weight_decay)
     run.start(model, optimizer, model.backbone)
-    augment1, augment2 = common.byol_augments(run.stats, run.data.image_size)
+    augment1, augment2 = common.byol_augments(run.stats, run.data.image_size, args.min_scale)
     run.save_views([augment1, augment2])
     forward = run.compiled(model)
 

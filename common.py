@@ -594,11 +594,11 @@ def simclr_augment(stats, size, min_scale=0.08):
                    mean=stats[0], std=stats[1])
 
 
-def byol_augments(stats, size):
+def byol_augments(stats, size, min_scale=0.08):
     """BYOL/DINO, asymmetric: view 1 always blurred, view 2 rarely blurred but sometimes solarised."""
-    big = size > 64
-    return (Augment(size=size, blur_p=1.0 if big else 0.0, mean=stats[0], std=stats[1]),
-            Augment(size=size, blur_p=0.1 if big else 0.0, solarize_p=0.2, mean=stats[0], std=stats[1]))
+    big, scale = size > 64, (min_scale, 1.0)
+    return (Augment(size=size, scale=scale, blur_p=1.0 if big else 0.0, mean=stats[0], std=stats[1]),
+            Augment(size=size, scale=scale, blur_p=0.1 if big else 0.0, solarize_p=0.2, mean=stats[0], std=stats[1]))
 
 
 def multicrop_augments(stats, size, local_size, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3)):
@@ -1468,6 +1468,7 @@ def draw_panel(draw, box, series, title, xlabel, ylabel, ymin=None):
     # The legend goes to the top or the bottom, whichever has fewer points near it.
     upper = sum(sy(y) < (T + B) / 2 for _, y in pts)
     legend_y = T + 6 if upper <= len(pts) / 2 else B - 6 - 14 * len(series)
+    legend_x = R - 30 - max(draw.textlength(label, font=font) for label in series)   # fits the longest label
     for i, (label, (xs, ys)) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
         xy = [(sx(x), sy(y)) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
@@ -1476,8 +1477,8 @@ def draw_panel(draw, box, series, title, xlabel, ylabel, ymin=None):
         for px, py in xy:
             draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=color)
         ly = legend_y + 14 * i
-        draw.line((R - 110, ly + 5, R - 95, ly + 5), fill=color, width=2)
-        draw.text((R - 90, ly), label, fill="black", font=font)
+        draw.line((legend_x, ly + 5, legend_x + 15, ly + 5), fill=color, width=2)
+        draw.text((legend_x + 20, ly), label, fill="black", font=font)
 
 
 def line_plot(panels, path, panel_size=(420, 300)):
