@@ -23,7 +23,7 @@ The lecture's pieces:
 Notation: B batch, K prototypes (head outputs), S student crops (2 + M), L patches.
 
 Run:
-    python dino.py --data shapes --epochs 15 --local-crops 2               # CPU, a few minutes
+    python dino.py --data shapes --image-size 16 --local-size 8 --subset 2000 --epochs 5   # CPU smoke run
     python dino.py --epochs 200                                           # CIFAR-10, one GPU
 
 Result: CIFAR-10 on a GPU not yet measured (no GPU was available to the session that wrote it).
