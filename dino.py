@@ -219,9 +219,9 @@ def main(argv=None):
     for name in ("momentum", "center_momentum"):
         if not 0 <= getattr(args, name) < 1:
             raise common.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be in [0, 1).")
-    run = common.Run(args, "dino", parser)
     if args.arch.startswith("vit") and args.local_crops and args.local_size % args.patch_size:
         raise common.UserError(f"--local-size {args.local_size} is not a multiple of --patch-size {args.patch_size}.")
+    run = common.Run(args, "dino", parser)
 
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
     model = run.prepare(DINO(backbone, args.head_hidden, args.head_bottleneck, args.out_dim))

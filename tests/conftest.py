@@ -26,3 +26,10 @@ def run_script(script, *args, cwd=None):
     env = dict(os.environ, SSL_OFFLINE="1", PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=300)
+
+
+class NoAutocast:
+    """Stands in for common.Run in a direct call of a train_step: fp32 on the CPU."""
+
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)

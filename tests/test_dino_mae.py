@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import common
+from conftest import NoAutocast
 import dino
 import mae
 
@@ -153,9 +154,6 @@ def test_dino_teacher_gets_no_gradient_multicrop_shapes_and_ema():
     s, t = model(g, loc)
     assert s.shape == (6 * 3, 20) and t.shape == (2 * 3, 20) and not t.requires_grad
 
-    class NoAutocast:
-        def autocast(self):
-            return torch.autocast("cpu", enabled=False)
     t_before = [p.detach().clone() for p in model.teacher.parameters()]
     loss, z, center = dino.train_step(model, opt, g, loc, torch.zeros(20), 0.04, 0.9, args, NoAutocast())
     assert torch.isfinite(loss) and z.shape == (3, 20) and center.shape == (20,)

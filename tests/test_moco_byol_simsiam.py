@@ -11,6 +11,7 @@ from hypothesis import given, strategies as st
 
 import byol
 import common
+from conftest import NoAutocast
 import moco
 import simsiam
 
@@ -143,9 +144,6 @@ def test_moco_key_encoder_gets_no_gradient_and_moves_by_ema():
     k_before = [p.detach().clone() for p in model.encoder_k.parameters()]
     q_before = [p.detach().clone() for p in model.encoder_q.parameters()]
 
-    class NoAutocast:
-        def autocast(self):
-            return torch.autocast("cpu", enabled=False)
     x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
     loss, q = moco.train_step(model, opt, queue, x1, x2, args, NoAutocast())
     assert torch.isfinite(loss) and q.shape == (4, 16)
@@ -218,9 +216,6 @@ def test_byol_target_gets_no_gradient_and_follows_by_ema():
     opt = common.make_optimizer(model, "sgd", 0.1, 0.0)
     t_before = [p.detach().clone() for p in model.target.parameters()]
 
-    class NoAutocast:
-        def autocast(self):
-            return torch.autocast("cpu", enabled=False)
     byol.train_step(model, opt, torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), 0.8, NoAutocast())
     for p, tb, o in zip(model.target.parameters(), t_before, model.online.parameters()):
         assert p.grad is None and not p.requires_grad
