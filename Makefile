@@ -3,8 +3,16 @@
 # make test    the test suite (no network, no GPU)
 # make bench   speed table on a GPU (METHOD=simclr|moco|byol|simsiam|dino|mae, BENCH_DATA=path to
 #              CIFAR-10, BENCH_PY=python with torch)
-# make exp-collapse   SimSiam without stop-grad and BYOL without predictor against the full methods
-#              (EPOCHS=, DATA=; on shapes by default, a CPU run of about 10 minutes)
+# The lecture's claims, one command each (EPOCHS=, DATA=; on shapes and the CPU by default,
+# CIFAR-10 on a GPU with DATA=path/to/cifar10-jpg.tar.gz; FT_EPOCHS= for the fine-tuning ones).
+# Each writes results/<name>.png and .json; runs are shared between them (runs/experiments).
+# make exp-temperature  SimCLR kNN against tau in {0.05, 0.1, 0.2, 0.5, 1}
+# make exp-mask-ratio   MAE linear probe and fine-tune against mask ratio in {0.25, 0.5, 0.75, 0.9}
+# make exp-collapse     SimSiam without stop-grad and BYOL without predictor against the full methods
+# make exp-labels       SSL (probe, fine-tune) vs supervised vs from scratch with 1%, 10%, 100% labels
+# make exp-augment      SimCLR with one part of the augmentation pipeline off at a time
+# make compare          the six methods and supervised under one recipe: accuracy, epoch time, memory
+# make experiments      all of the above
 
 PYTHON ?= python3
 VENV := .venv
@@ -20,7 +28,8 @@ ifeq ($(DATA),shapes)
 EXP_ARGS ?= --image-size 16 --width 16 --batch-size 256 --warmup-epochs 1 --min-scale 0.3
 endif
 
-.PHONY: setup demo test bench exp-collapse clean
+EXPERIMENTS := exp-temperature exp-mask-ratio exp-collapse exp-labels exp-augment compare
+.PHONY: setup demo test bench experiments $(EXPERIMENTS) clean
 
 $(VENV)/.installed: requirements.txt
 ifeq ($(REUSE_TORCH),1)
@@ -45,8 +54,12 @@ bench: $(if $(filter $(PY),$(BENCH_PY)),$(VENV)/.installed)
 	$(BENCH_PY) $(METHOD).py --data $(BENCH_DATA) --epochs $(BENCH_EPOCHS) --eval-every 0 --bench \
 		$(if $(filter mae,$(METHOD)),--finetune-epochs 0) --out runs/bench-$(METHOD)-$$(date +%Y%m%d-%H%M%S)
 
-exp-collapse: $(VENV)/.installed
-	$(PY) experiments/collapse.py --epochs $(EPOCHS) --data $(DATA) -- $(EXP_ARGS)
+# exp-mask-ratio -> experiments/mask_ratio.py, compare -> experiments/compare.py
+$(EXPERIMENTS): $(VENV)/.installed
+	$(PY) experiments/$(subst -,_,$(patsubst exp-%,%,$@)).py --epochs $(EPOCHS) --data $(DATA) \
+		$(if $(and $(FT_EPOCHS),$(filter exp-labels exp-mask-ratio,$@)),--ft-epochs $(FT_EPOCHS)) -- $(EXP_ARGS)
+
+experiments: $(EXPERIMENTS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -117,6 +117,29 @@ def load_data(spec, data_dir, image_size=32, subset=0, seed=0):
     return data
 
 
+def label_subset(labels, fraction, seed=0):
+    """Indices of a class-balanced `fraction` of the labelled images: from each class, the
+    first max(1, round(fraction * n_c)) of a seeded permutation of that class. Prefixes of one
+    permutation, so the 1% subset lies inside the 10% one: a smaller budget only removes labels."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"label fraction {fraction}: must be in (0, 1].")
+    g = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    keep = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()            # (n_c,)
+        members = members[torch.randperm(len(members), generator=g)]
+        keep.append(members[:max(1, round(fraction * len(members)))])
+    return torch.cat(keep).sort().values
+
+
+def with_train_subset(data, idx):
+    """The same data set with only the training images `idx` (indices on any device)."""
+    idx = idx.to(data.train_x.device)
+    return Dataset(data.train_x[idx], None if data.train_y is None else data.train_y[idx],
+                   data.test_x, data.test_y, data.classes, data.name)
+
+
 # --- CIFAR-10, the official python archive -------------------------------------------------
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -588,10 +611,29 @@ def normalize_images(x, mean, std):
 # The recipes. Peers' CIFAR configurations drop Gaussian blur at 32 px (a 3-pixel kernel
 # erases most of a 32-pixel object), so blur is used only for larger images.
 
-def simclr_augment(stats, size, min_scale=0.08):
-    """SimCLR, symmetric: both views from the same distribution (solo-learn's CIFAR values)."""
-    return Augment(size=size, scale=(min_scale, 1.0), blur_p=0.5 if size > 64 else 0.0,
-                   mean=stats[0], std=stats[1])
+AUGMENT_PARTS = ("crop", "flip", "jitter", "gray", "blur")
+
+
+def simclr_augment(stats, size, min_scale=0.08, drop=()):
+    """SimCLR, symmetric: both views from the same distribution (solo-learn's CIFAR values).
+    `drop` switches parts off, for the ablation of SimCLR's Table/Figure 5: 'crop' (views are
+    the whole image), 'flip', 'jitter' (colour distortion), 'gray', 'blur'."""
+    aug = Augment(size=size, scale=(min_scale, 1.0), blur_p=0.5 if size > 64 else 0.0,
+                  mean=stats[0], std=stats[1])
+    for part in drop:
+        if part == "crop":
+            aug.scale, aug.ratio = (1.0, 1.0), (1.0, 1.0)
+        elif part == "flip":
+            aug.flip_p = 0.0
+        elif part == "jitter":
+            aug.jitter_p = 0.0
+        elif part == "gray":
+            aug.gray_p = 0.0
+        elif part == "blur":
+            aug.blur_p = 0.0
+        else:
+            raise UserError(f"augmentation part {part!r}: unknown; choose from {', '.join(AUGMENT_PARTS)}.")
+    return aug
 
 
 def byol_augments(stats, size, min_scale=0.08):
@@ -1136,16 +1178,32 @@ class Run:
 
     def batches(self, epoch):
         """Yield (global step, uint8 batch) for one epoch: a fresh permutation, drop_last."""
+        for step, idx in self._index_batches(epoch):
+            yield step, self.data.train_x[idx]
+
+    def labeled_batches(self, epoch, pool=None):
+        """Yield (global step, uint8 batch, labels) drawn from the training indices `pool`
+        (default: all). The epoch is steps_per_epoch steps whatever the pool's size (fresh
+        permutations of the pool, one after another), so training on 1% of the labels costs
+        the same compute as on all of them."""
+        for step, idx in self._index_batches(epoch, pool):
+            yield step, self.data.train_x[idx], self.data.train_y[idx]
+
+    def _index_batches(self, epoch, pool=None):
         self._epoch, self._t_epoch = epoch, time.time()
         self._loss_sum = torch.zeros((), device=self.device)
         self._std_sum = torch.zeros((), device=self.device)
         self._n, self._t_print = 0, time.time()
         self._emb_dim = None
         self.model.train()
-        perm = torch.randperm(self.n_train, device=self.device)
-        B = self.args.batch_size
+        B, n = self.args.batch_size, self.steps_per_epoch * self.args.batch_size
+        if pool is None:
+            perm = torch.randperm(self.n_train, device=self.device)
+        else:                                                  # (ceil(n / P) * P,) then cut to n
+            rounds = -(-n // len(pool))
+            perm = torch.cat([pool[torch.randperm(len(pool), device=pool.device)] for _ in range(rounds)])
         for i in range(self.steps_per_epoch):
-            yield epoch * self.steps_per_epoch + i, self.data.train_x[perm[i * B:(i + 1) * B]]
+            yield epoch * self.steps_per_epoch + i, perm[i * B:(i + 1) * B]
 
     def log_step(self, loss, z):
         """Accumulate on the device; read back (one sync) only when printing progress."""
@@ -1218,7 +1276,8 @@ class Run:
             "train_seconds": self.train_seconds, "epoch_seconds": epoch_s,
             "images_per_s": self.steps_per_epoch * self.args.batch_size / epoch_s,
             "device": device_name(self.device), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"),
+            "date": time.strftime("%Y-%m-%d"), **peak_memory(self.device),
+            "image_size": self.data.image_size, "args": vars(self.args),
         }
         if self.args.linear_probe and self.data.labeled:
             summary["linear_top1"] = linear_probe(self.backbone, self.data, self.stats)
@@ -1263,6 +1322,19 @@ def device_name(device):
     if device.type == "cpu":
         return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     return str(device)
+
+
+def peak_memory(device):
+    """The run's peak memory in MiB: what PyTorch allocated on the GPU, or on a CPU the
+    process's resident set (weights, data and activations together, so a coarser figure)."""
+    if device.type == "cuda":
+        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20, "memory": "GPU allocated"}
+    try:
+        import resource
+    except ImportError:                                        # Windows
+        return {}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
+    return {"peak_memory_mib": rss / (2**20 if sys.platform == "darwin" else 2**10), "memory": "process RSS"}
 
 
 def _hms(s):
@@ -1315,6 +1387,20 @@ def extract_features(backbone, x, stats, batch_size=1024):
             feats.append(backbone(xb).float())
     backbone.train(was_training)
     return torch.cat(feats)
+
+
+def load_encoder(run_dir, device="cpu"):
+    """The encoder a finished run exported (encoder.pt), rebuilt from its summary.json."""
+    run_dir = Path(run_dir)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        a = summary["args"]
+        backbone = build_backbone(a["arch"], summary["image_size"], a["width"], a["patch_size"])
+        backbone.load_state_dict(torch.load(run_dir / "encoder.pt", map_location="cpu", weights_only=True))
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"{run_dir}: not a finished run folder with summary.json and encoder.pt "
+                        f"({type(e).__name__}: {e}).") from None
+    return backbone.to(device), summary
 
 
 def knn_predict(train_f, train_y, test_f, num_classes, k=200, t=0.1, chunk=512):
@@ -1437,9 +1523,11 @@ def nice_ticks(lo, hi, n=5):
     return [start + i * step for i in range(int(math.ceil((hi - start) / step)) + 1)]
 
 
-def draw_panel(draw, box, series, title, xlabel, ylabel, ymin=None):
+def draw_panel(draw, box, series, title, xlabel, ylabel, ymin=None, xticks=None):
     """One line plot inside box (x0, y0, x1, y1); series is {label: (xs, ys)}. ymin forces
-    the y axis to include that value (0 for quantities whose fall to 0 is the story)."""
+    the y axis to include that value (0 for quantities whose fall to 0 is the story). xticks,
+    a list of (x, label), replaces the automatic ticks: for a log axis, pass log10 of the
+    values as x and the values as labels."""
     font = ImageFont.load_default()
     x0, y0, x1, y1 = box
     L, R, T, B = x0 + 52, x1 - 10, y0 + 24, y1 - 36
@@ -1449,15 +1537,21 @@ def draw_panel(draw, box, series, title, xlabel, ylabel, ymin=None):
         draw.rectangle((L, T, R, B), outline="black")
         draw.text(((L + R) // 2, (T + B) // 2), "no data", fill="gray", font=font, anchor="mm")
         return
-    xt = nice_ticks(min(p[0] for p in pts), max(p[0] for p in pts))
+    fmt = lambda v: f"{v:g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.0e}"
+    if xticks:
+        lo, hi = min(v for v, _ in xticks), max(v for v, _ in xticks)
+        pad = 0.05 * (hi - lo or 1.0)                          # keep the end points off the frame
+        xt, xlabels = [lo - pad, hi + pad], xticks
+    else:
+        xt = nice_ticks(min(p[0] for p in pts), max(p[0] for p in pts))
+        xlabels = [(v, fmt(round(v, 10))) for v in xt]
     ys_all = [p[1] for p in pts] + ([ymin] if ymin is not None else [])
     yt = nice_ticks(min(ys_all), max(ys_all))
     sx = lambda v: L + (v - xt[0]) / (xt[-1] - xt[0]) * (R - L)
     sy = lambda v: B - (v - yt[0]) / (yt[-1] - yt[0]) * (B - T)
-    fmt = lambda v: f"{v:g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.0e}"
-    for v in xt:
+    for v, text in xlabels:
         draw.line((sx(v), B, sx(v), B + 4), fill="black")
-        draw.text((sx(v), B + 6), fmt(round(v, 10)), fill="black", font=font, anchor="mt")
+        draw.text((sx(v), B + 6), text, fill="black", font=font, anchor="mt")
     for v in yt:
         draw.line((L - 4, sy(v), L, sy(v)), fill="black")
         draw.line((L + 1, sy(v), R - 1, sy(v)), fill=(230, 230, 230))
@@ -1489,7 +1583,40 @@ def line_plot(panels, path, panel_size=(420, 300)):
     draw = ImageDraw.Draw(img)
     for i, p in enumerate(panels):
         draw_panel(draw, (i * W, 0, (i + 1) * W, H), p["series"], p["title"], p["xlabel"], p["ylabel"],
-                   p.get("ymin"))
+                   p.get("ymin"), p.get("xticks"))
+    img.save(path)
+
+
+def bar_plot(bars, path, title, xlabel, width=560):
+    """Horizontal bars from 0, one per (label, value) in `bars`, top to bottom, each with its
+    value written at its end; a value of None is drawn as "not run"."""
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 16 + max(probe.textlength(label, font=font) for label, _ in bars)
+    row, T = 22, 30
+    H = T + row * len(bars) + 46
+    img = Image.new("RGB", (width, H), "white")
+    draw = ImageDraw.Draw(img)
+    L, R, B = left, width - 50, T + row * len(bars)
+    values = [v for _, v in bars if v is not None and math.isfinite(v)]
+    xt = nice_ticks(0.0, max(values, default=1.0))
+    sx = lambda v: L + v / xt[-1] * (R - L)
+    draw.text(((L + R) // 2, 8), title, fill="black", font=font, anchor="mt")
+    for v in xt:
+        draw.line((sx(v), T, sx(v), B), fill=(230, 230, 230))
+        draw.line((sx(v), B, sx(v), B + 4), fill="black")
+        draw.text((sx(v), B + 6), f"{v:g}", fill="black", font=font, anchor="mt")
+    for i, (label, v) in enumerate(bars):
+        y = T + row * i
+        draw.text((L - 6, y + row // 2), label, fill="black", font=font, anchor="rm")
+        if v is None or not math.isfinite(v):
+            draw.text((L + 4, y + row // 2), "not run", fill="gray", font=font, anchor="lm")
+            continue
+        draw.rectangle((L, y + 4, sx(v), y + row - 4), fill=PALETTE[0])
+        draw.text((sx(v) + 4, y + row // 2), f"{v:.1f}", fill="black", font=font, anchor="lm")
+    draw.line((L, T, L, B), fill="black")
+    draw.line((L, B, R, B), fill="black")
+    draw.text(((L + R) // 2, H - 12), xlabel, fill="black", font=font, anchor="mm")
     img.save(path)
 
 

@@ -23,8 +23,8 @@ The lecture's pieces:
 Notation: B batch, K prototypes (head outputs), S student crops (2 + M), L patches.
 
 Run:
-    python dino.py --data shapes --image-size 16 --local-size 8 --subset 2000 --epochs 5   # CPU smoke run
-    python dino.py --epochs 200                                           # CIFAR-10, one GPU
+    python dino.py --data shapes --image-size 16 --subset 2000 --epochs 5   # CPU smoke run
+    python dino.py --epochs 200                                             # CIFAR-10, one GPU
 
 Result: CIFAR-10 on a GPU not yet measured (no GPU was available to the session that wrote it).
 """
@@ -72,7 +72,8 @@ def make_parser():
     g.add_argument("--center-momentum", type=float, default=0.9, help="EMA momentum of the centre c")
     g.add_argument("--local-crops", type=common.nonneg_int, default=6,
                    help="M small crops per image, seen by the student only")
-    g.add_argument("--local-size", type=common.positive_int, default=16, help="side of a local crop in pixels")
+    g.add_argument("--local-size", type=common.positive_int, default=None,
+                   help="side of a local crop in pixels (default: half of --image-size, 16 at 32 px)")
     g.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm (0: no clipping)")
     g.add_argument("--freeze-last-layer", type=common.nonneg_int, default=1,
                    help="epochs during which the head's last layer is not updated (stabilises the start)")
@@ -219,6 +220,7 @@ def main(argv=None):
     for name in ("momentum", "center_momentum"):
         if not 0 <= getattr(args, name) < 1:
             raise common.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be in [0, 1).")
+    args.local_size = args.local_size or max(1, args.image_size // 2)
     if args.arch.startswith("vit") and args.local_crops and args.local_size % args.patch_size:
         raise common.UserError(f"--local-size {args.local_size} is not a multiple of --patch-size {args.patch_size}.")
     run = common.Run(args, "dino", parser)

@@ -51,6 +51,9 @@ def make_parser():
     g.add_argument("--min-scale", type=common.positive_float, default=0.08,
                    help="smallest crop as a fraction of the image area (the paper's 0.08; raise it for "
                         "tiny images, where an 8%% crop is a few pixels)")
+    g.add_argument("--drop-aug", action="append", default=[], choices=common.AUGMENT_PARTS, metavar="PART",
+                   help="switch one part of the augmentation off, for ablations (repeatable): "
+                        + ", ".join(common.AUGMENT_PARTS))
     g.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width")
     g.add_argument("--proj-dim", type=common.positive_int, default=256, help="dimension of z")
     return p
@@ -122,7 +125,7 @@ def main(argv=None):
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(model, args.optimizer, base_lr, args.weight_decay)
     run.start(model, optimizer, model.backbone)
-    augment = common.simclr_augment(run.stats, run.data.image_size, args.min_scale)
+    augment = common.simclr_augment(run.stats, run.data.image_size, args.min_scale, args.drop_aug)
     run.save_views([augment])
     forward = run.compiled(model)
 

@@ -1,0 +1,217 @@
+"""What the experiments share: train a method file into a run folder (or find it already
+trained), evaluate an encoder with a budget of labels, write results/<name>.json and tables.
+
+A run's folder is runs/experiments/<script>-<hash>, the hash taken over the run's resolved
+configuration (every flag's value after parsing, except where the output goes and on which
+device). Two experiments that need the same run share it: SimCLR at tau 0.2 is the temperature
+sweep's middle point, the augmentation ablation's full pipeline and the comparison's SimCLR
+row, and it is trained once. A finished run is read back; an interrupted one is continued
+from its checkpoint.
+"""
+import argparse
+import functools
+import hashlib
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+
+# The six methods under one recipe (make compare, make exp-labels): the same data, epochs,
+# batch size and evaluation. DINO runs on the ResNet-18 like the four before it; MAE needs a
+# ViT (a ResNet cannot skip the masked patches), so its row is ViT-Tiny.
+METHODS = [  # (label, script, flags)
+    ("SimCLR", "simclr.py", []),
+    ("MoCo v2", "moco.py", []),
+    ("BYOL", "byol.py", []),
+    ("SimSiam", "simsiam.py", []),
+    ("DINO", "dino.py", ["--arch", "resnet18"]),
+    ("MAE", "mae.py", ["--finetune-epochs", "0"]),
+]
+# Flags that do not change what is trained: left out of a run's identity.
+WHERE_FLAGS = {"out", "resume", "device", "compile", "bench", "data_dir"}
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def make_parser(description):
+    p = argparse.ArgumentParser(description=description,
+                                epilog="Everything after `--` is passed to every run; a flag that a script "
+                                       "does not take is left out of that script's command, with a note.")
+    p.add_argument("--epochs", type=common.positive_int, default=10, help="pretraining epochs of every run")
+    p.add_argument("--data", default="shapes", help="as the method files' --data (shapes, cifar10, a path)")
+    p.add_argument("--batch-size", type=common.positive_int, default=256,
+                   help="the batch size of every run (learning rates scale with it)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--results", default=str(ROOT / "results"), help="where the PNG, JSON and tables go")
+    p.add_argument("--runs", default=str(ROOT / "runs" / "experiments"), help="where the run folders go")
+    return p
+
+
+def parse(parser, argv=None):
+    """Parse the experiment's own flags; those after `--` become args.extra."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    args.extra = argv[cut + 1:]
+    try:
+        Path(args.results).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise common.UserError(f"--results {args.results}: cannot create the folder ({e}).") from None
+    return args
+
+
+@functools.cache
+def script_parser(script):
+    """The method file's own argparse parser (its make_parser), imported from the file."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_parser()
+
+
+def flags_for(script, flags):
+    """`flags` without the options `script` does not take (and their values)."""
+    takes = {opt: a.nargs != 0 for a in script_parser(script)._actions for opt in a.option_strings}
+    kept, i = [], 0
+    while i < len(flags):
+        opt = flags[i].split("=")[0]
+        has_value = "=" not in flags[i] and takes.get(
+            opt, i + 1 < len(flags) and not flags[i + 1].startswith("--"))
+        n = 1 + int(has_value)
+        if opt in takes:
+            kept += flags[i:i + n]
+        else:
+            print(f"note: {script} has no {opt}; left out of its command", file=sys.stderr)
+        i += n
+    return kept
+
+
+def run_folder(script, flags, runs):
+    """runs/<script>-<hash of the resolved configuration>."""
+    config = {k: v for k, v in vars(script_parser(script).parse_args(flags)).items() if k not in WHERE_FLAGS}
+    key = hashlib.sha1(json.dumps([script, sorted(config.items())], default=str).encode()).hexdigest()[:10]
+    return Path(runs) / f"{Path(script).stem}-{key}"
+
+
+# --- training -------------------------------------------------------------------------------
+
+def train(script, flags, args, label):
+    """Train `script` with the experiment's data, epochs and batch size, then `flags`, then
+    the extra flags, unless an earlier call did. Returns the run folder."""
+    flags = flags_for(script, ["--data", args.data, "--epochs", str(args.epochs), "--batch-size",
+                               str(args.batch_size), "--eval-every", str(max(1, args.epochs // 10)),
+                               "--no-linear-probe", "--device", args.device, *flags, *args.extra])
+    out = run_folder(script, flags, args.runs)
+    if (out / "summary.json").exists():                        # an earlier call finished it
+        return out
+    if (out / "checkpoint.pt").exists():                       # an earlier call was interrupted
+        cmd = [str(ROOT / script), "--resume", str(out / "checkpoint.pt"), "--epochs", str(args.epochs),
+               "--device", args.device]
+    else:
+        cmd = [str(ROOT / script), *flags, "--out", str(out)]
+    print(f"== {label}: {' '.join([script, *cmd[1:]])}", file=sys.stderr, flush=True)
+    if subprocess.run([sys.executable, *cmd]).returncode != 0:
+        raise common.UserError(f"the run '{label}' failed (its folder is {out}); see the message above. "
+                               f"Running the same command again continues from its last checkpoint.")
+    return out
+
+
+def read_log(run):
+    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def read_summary(run):
+    return json.loads((Path(run) / "summary.json").read_text())
+
+
+# --- evaluation with a budget of labels -----------------------------------------------------
+
+@functools.cache
+def _data(spec, data_dir, image_size, subset, seed, device):
+    data = common.load_data(spec, data_dir, image_size, subset, seed)
+    return data.to(device), data.channel_stats()
+
+
+def finetune_epochs(ft_epochs, n_labeled, n_train):
+    """Epochs over the labelled images that see as many images as `ft_epochs` epochs over all
+    of them: 1% of the labels gets 100 times the epochs, the same compute."""
+    return max(1, round(ft_epochs * n_train / n_labeled))
+
+
+def evaluate(run, fraction, ft_epochs, device="auto", scratch=False):
+    """Top-1 on the test split with a class-balanced `fraction` of the training labels: a
+    linear probe on the frozen encoder, and (ft_epochs > 0) fine-tuning it with
+    common.fine_tune for the compute of ft_epochs epochs over all images. scratch=True: the
+    same for a randomly initialised encoder of the run's architecture. Results are kept in the
+    run folder's evaluations.json, so a second call costs nothing."""
+    run = Path(run)
+    cache_path = run / "evaluations.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    key = f"{'scratch' if scratch else 'pretrained'} fraction={fraction:g} ft_epochs={ft_epochs}"
+    if key in cache:
+        return cache[key]
+    dev = common.pick_device(device)
+    backbone, summary = common.load_encoder(run, dev)
+    a = summary["args"]
+    if scratch:
+        torch.manual_seed(a["seed"])
+        backbone = common.build_backbone(a["arch"], summary["image_size"], a["width"], a["patch_size"]).to(dev)
+    data, stats = _data(a["data"], a["data_dir"], a["image_size"], a["subset"], a["seed"], str(dev))
+    if not data.labeled:
+        raise common.UserError(f"--data {a['data']} has no labels on a train and a test split; the "
+                               f"experiments need them.")
+    idx = common.label_subset(data.train_y, fraction, seed=a["seed"])
+    labeled = common.with_train_subset(data, idx)
+    what = f"{run.name} {'scratch' if scratch else 'encoder'}, {100 * fraction:g}% labels ({len(idx)} images)"
+    print(f"== evaluate {what}", file=sys.stderr, flush=True)
+    result = {"labeled_images": len(idx), "linear_top1": common.linear_probe(backbone, labeled, stats)}
+    if ft_epochs:
+        epochs = finetune_epochs(ft_epochs, len(idx), len(data.train_x))
+        torch.manual_seed(a["seed"])
+        result["finetune_top1"] = common.fine_tune(backbone, labeled, stats, epochs, warmup_epochs=epochs // 10,
+                                                   name=f"fine-tune {what}")
+    cache[key] = result
+    tmp = cache_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache, indent=2) + "\n")
+    tmp.replace(cache_path)
+    return result
+
+
+# --- results --------------------------------------------------------------------------------
+
+def pct(v):
+    return "–" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
+
+
+def markdown_table(header, rows):
+    """A GitHub-markdown table; the first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(args, name, payload, table=None):
+    """results/<name>.json (with the configuration and the date), and <name>.md if a table."""
+    results = Path(args.results)
+    payload = dict(payload, config={"data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
+                                    "extra": args.extra, "device": device_label(args.device),
+                                    "date": time.strftime("%Y-%m-%d")})
+    (results / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    if table is not None:
+        (results / f"{name}.md").write_text(table)
+        print(table)
+    print(f"wrote {results / name}.json" + (" and .md" if table else "") + " and .png", file=sys.stderr)
+
+
+def device_label(device):
+    return common.device_name(common.pick_device(device))

@@ -1,0 +1,162 @@
+"""Supervised: the same encoder and augmentations, trained with labels and cross-entropy.
+
+Not a self-supervised method: the reference line the others are measured against. The
+lecture's "supervised pretraining gives about 76% linear probe on ImageNet" is this file on
+ImageNet; here it is the same ResNet (or ViT), the same batched augmentations on the device,
+and the same evaluation (kNN, linear probe) as the six method files, with a linear classifier
+on top of the encoder and the labels as the training signal:
+
+    1. augmentation      crop + flip (--augment crop) or SimCLR's full recipe (--augment simclr)
+    2. encoder f         ResNet-18 with the small-image stem, h = f(x)   (common.build_backbone)
+    3. classifier        one linear layer, logits = W h + b
+    4. loss              cross-entropy with the image's class              (supervised_loss)
+
+With --label-fraction below 1 it sees only a class-balanced fraction of the labels
+(common.label_subset): the "what if I only have 1% labels?" baseline of experiments/labels.py.
+An epoch is still N/B steps, drawn from the labelled images, so the compute is the same as a
+self-supervised run over all N images.
+
+Run:
+    python supervised.py --data shapes --image-size 16 --width 16 --batch-size 256 --epochs 10   # CPU
+    python supervised.py --epochs 200                                                  # CIFAR-10, one GPU
+
+Result: not yet measured on CIFAR-10 (no GPU was available to the session that wrote it).
+"""
+
+import argparse
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+# ============================================================================================
+# Configuration
+# Defaults are the usual CIFAR ResNet recipe: SGD with Nesterov momentum, 0.1 per 256 images,
+# weight decay 5e-4, cosine schedule, mild crops and flips.
+# ============================================================================================
+
+def make_parser():
+    p = argparse.ArgumentParser(description="Supervised training with labels: the reference line.")
+    common.add_common_args(p, arch="resnet18")
+    g = p.add_argument_group("supervised")
+    g.add_argument("--epochs", type=common.positive_int, default=200,
+                   help="epochs of N/B steps (N = all training images, whatever --label-fraction)")
+    g.add_argument("--batch-size", type=common.positive_int, default=256, help="images per step")
+    g.add_argument("--lr", type=common.positive_float, default=0.1,
+                   help="base learning rate per 256 images (scaled linearly with --batch-size)")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty on weight matrices")
+    g.add_argument("--warmup-epochs", type=common.nonneg_int, default=2, help="linear LR warmup")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="epsilon of label smoothing")
+    g.add_argument("--augment", default="crop", choices=["crop", "simclr"],
+                   help="crop: crop + flip (supervised practice); simclr: SimCLR's full recipe")
+    g.add_argument("--min-scale", type=common.positive_float, default=0.25,
+                   help="smallest crop as a fraction of the image area")
+    g.add_argument("--label-fraction", type=float, default=1.0,
+                   help="train on this class-balanced fraction of the labels, in (0, 1]")
+    return p
+
+
+# ============================================================================================
+# Model: encoder f followed by a linear classifier
+# ============================================================================================
+
+class Supervised(nn.Module):
+    def __init__(self, backbone, num_classes):
+        super().__init__()
+        self.backbone = backbone                               # f: images -> h (N, dim)
+        self.classifier = nn.Linear(backbone.dim, num_classes)  # h -> logits (N, C)
+
+    def forward(self, x):
+        h = self.backbone(x)                                   # (N, dim)
+        return self.classifier(h), h
+
+
+# ============================================================================================
+# The loss
+# ============================================================================================
+
+def supervised_loss(logits, y, label_smoothing=0.0):
+    """Cross-entropy with the true class, averaged over the batch: logits (N, C), y (N,).
+
+        l(i) = -log  exp(s_{i, y_i})  /  sum_c exp(s_{i, c})
+
+    With label smoothing eps the target is (1 - eps) on y_i plus eps / C on every class."""
+    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+
+
+# ============================================================================================
+# One training step
+# ============================================================================================
+
+def train_step(model, optimizer, x, y, label_smoothing, run):
+    with run.autocast():
+        logits, h = model(x)                                   # (B, C), (B, dim)
+        loss = supervised_loss(logits, y, label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, h
+
+
+@torch.no_grad()
+def test_top1(model, data, stats):
+    """Top-1 of the trained classifier itself on the test split (un-augmented images)."""
+    features = common.extract_features(model.backbone, data.test_x, stats)   # (M, dim)
+    return (model.classifier(features).argmax(1) == data.test_y).float().mean().item()
+
+
+# ============================================================================================
+# main
+# ============================================================================================
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not 0 < args.label_fraction <= 1:
+        parser.error(f"--label-fraction {args.label_fraction}: must be in (0, 1]")
+    run = common.Run(args, "supervised", parser)
+    if not run.data.labeled:
+        raise common.UserError(f"--data {args.data}: supervised training needs labels on a train and a test "
+                               f"split (train/ and test/ folders with one subfolder per class).")
+
+    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
+    model = run.prepare(Supervised(backbone, len(run.data.classes)))
+    base_lr = args.lr * args.batch_size / 256
+    optimizer = common.make_optimizer(model, "sgd", base_lr, args.weight_decay)
+    for group in optimizer.param_groups:
+        group["nesterov"] = True
+    run.start(model, optimizer, model.backbone)
+    if args.augment == "simclr":
+        augment = common.simclr_augment(run.stats, run.data.image_size, args.min_scale)
+    else:
+        augment = common.Augment(size=run.data.image_size, scale=(args.min_scale, 1.0), jitter_p=0.0, gray_p=0.0,
+                                 mean=run.stats[0], std=run.stats[1])
+    run.save_views([augment])
+    pool = common.label_subset(run.data.train_y, args.label_fraction, args.seed).to(run.device)
+    print(f"supervised: {len(pool)} labelled training images ({100 * args.label_fraction:g}% of the labels)",
+          file=sys.stderr)
+    forward = run.compiled(model)
+
+    for epoch in range(run.start_epoch, args.epochs):
+        for step, x, y in run.labeled_batches(epoch, pool):    # x: (B, 3, H, W) uint8, y: (B,)
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps,
+                                                      args.warmup_epochs * run.steps_per_epoch, base_lr))
+            loss, h = train_step(forward, optimizer, augment(x), y, args.label_smoothing, run)
+            run.log_step(loss, h)
+        run.end_epoch(epoch)
+
+    x, y = run.data.train_x[:args.batch_size], run.data.train_y[:args.batch_size]
+    xa = augment(x)
+    summary = run.finish(bench_step=lambda: train_step(forward, optimizer, xa, y, args.label_smoothing, run))
+    summary["labeled_images"] = len(pool)
+    summary["test_top1"] = test_top1(model, run.data, run.stats)
+    run.write_summary(summary)
+    print(f"classifier test top-1 {100 * summary['test_top1']:.2f}%", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
