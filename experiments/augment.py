@@ -46,11 +46,13 @@ def main(argv=None):
     for label, parts in ablations(args):
         flags = [f for part in parts for f in ("--drop-aug", part)]
         knn[label] = harness.read_summary(harness.train("simclr.py", flags, args, f"SimCLR, {label}"))["knn_top1"]
-    plot(list(knn.items()), Path(args.results) / "augment.png")
+    knn_init = harness.read_summary(harness.train("simclr.py", [], args, "SimCLR"))["knn_top1_init"]
+    plot(list(knn.items()) + [("random init, untrained", knn_init)], Path(args.results) / "augment.png")
     full = knn["full pipeline"]
     rows = [(label, harness.pct(v), f"{100 * (v - full):+.1f}") for label, v in knn.items()]
+    rows.append(("random init, untrained", harness.pct(knn_init), f"{100 * (knn_init - full):+.1f}"))
     table = harness.markdown_table(["augmentation", "kNN top-1 %", "vs full"], rows)
-    harness.write_results(args, "augment", {"knn_top1": knn,
+    harness.write_results(args, "augment", {"knn_top1": knn, "knn_top1_init": knn_init,
                                             "parts_off": {label: parts for label, parts in ablations(args)}}, table)
 
 

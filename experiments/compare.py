@@ -22,7 +22,8 @@ ARCH_NAMES = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "Res
 
 
 def row(label, summary, linear):
-    return {"method": label, "arch": summary["arch"], "knn_top1": summary["knn_top1"], "linear_top1": linear,
+    return {"method": label, "arch": summary["arch"], "knn_top1": summary["knn_top1"],
+            "knn_top1_init": summary["knn_top1_init"], "linear_top1": linear,
             "epoch_seconds": summary["epoch_seconds"], "images_per_s": summary["images_per_s"],
             "peak_memory_mib": summary.get("peak_memory_mib"), "memory": summary.get("memory")}
 
@@ -30,8 +31,9 @@ def row(label, summary, linear):
 def table(rows):
     mib = lambda v: "–" if v is None else f"{v:,.0f}"
     return harness.markdown_table(
-        ["method", "backbone", "kNN %", "linear probe %", "epoch s", "images/s", "peak memory MiB"],
-        [(r["method"], ARCH_NAMES.get(r["arch"], r["arch"]), harness.pct(r["knn_top1"]), harness.pct(r["linear_top1"]),
+        ["method", "backbone", "kNN %", "kNN at init %", "linear probe %", "epoch s", "images/s", "peak memory MiB"],
+        [(r["method"], ARCH_NAMES.get(r["arch"], r["arch"]), harness.pct(r["knn_top1"]), harness.pct(r["knn_top1_init"]),
+          harness.pct(r["linear_top1"]),
           f"{r['epoch_seconds']:.1f}", f"{r['images_per_s']:,.0f}", mib(r["peak_memory_mib"])) for r in rows])
 
 

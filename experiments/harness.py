@@ -104,12 +104,17 @@ def run_folder(script, flags, runs):
 
 # --- training -------------------------------------------------------------------------------
 
+def run_flags(script, flags, args):
+    """The experiment's data, epochs and batch size, then `flags`, then the extra flags (the
+    last of a repeated flag wins), without those `script` does not take."""
+    return flags_for(script, ["--data", args.data, "--epochs", str(args.epochs), "--batch-size",
+                              str(args.batch_size), "--eval-every", str(max(1, args.epochs // 10)),
+                              "--no-linear-probe", "--device", args.device, *flags, *args.extra])
+
+
 def train(script, flags, args, label):
-    """Train `script` with the experiment's data, epochs and batch size, then `flags`, then
-    the extra flags, unless an earlier call did. Returns the run folder."""
-    flags = flags_for(script, ["--data", args.data, "--epochs", str(args.epochs), "--batch-size",
-                               str(args.batch_size), "--eval-every", str(max(1, args.epochs // 10)),
-                               "--no-linear-probe", "--device", args.device, *flags, *args.extra])
+    """Train `script` with run_flags(...) unless an earlier call did. Returns the run folder."""
+    flags = run_flags(script, flags, args)
     out = run_folder(script, flags, args.runs)
     if (out / "summary.json").exists():                        # an earlier call finished it
         return out
