@@ -20,7 +20,9 @@ Run:
     python supervised.py --data shapes --image-size 16 --width 16 --batch-size 256 --epochs 10   # CPU
     python supervised.py --epochs 200                                                  # CIFAR-10, one GPU
 
-Result: not yet measured on CIFAR-10 (no GPU was available to the session that wrote it).
+Result: on `shapes` (16 px, ResNet-18 width 16, batch 256, 10 epochs; `make compare`), the
+classifier reaches test top-1 73.5%, kNN 74.8%, linear probe 77.8%, on 2 CPU cores,
+2026-11-24. CIFAR-10 on a GPU: not yet measured (no GPU was available to the session).
 """
 
 import argparse

@@ -128,13 +128,16 @@ def test_augment_mask_ratio_labels_and_compare_plots(tmp_path):
     fr = len(labels.FRACTIONS)
     series = {f"m{i}": [0.1 * i + 0.01 * j for j in range(fr)] for i in range(8)}
     labels.plot(series, series, tmp_path / "l.png")
-    rows = [{"method": m, "arch": "resnet18", "knn_top1": 0.5, "knn_top1_init": 0.2, "linear_top1": 0.6, "epoch_seconds": 1.0,
+    rows = [{"method": m, "arch": "resnet18", "knn_top1": 0.5, "linear_top1": 0.6, "epoch_seconds": 1.0,
              "images_per_s": 1000.0, "peak_memory_mib": 512.0, "memory": "process RSS"} for m in ("SimCLR", "BYOL")]
+    rows.append({"method": "Random init (untrained)", "arch": "vit_tiny", "knn_top1": 0.2, "linear_top1": 0.25,
+                 "epoch_seconds": None, "images_per_s": None, "peak_memory_mib": None, "memory": None})
     compare.plot(rows, tmp_path / "c.png")
     for name, n_colors in [("a", 1), ("m", 3), ("l", 8), ("c", 1)]:
         assert set(common.PALETTE[:n_colors]) <= colors_in(tmp_path / f"{name}.png"), name
     table = compare.table(rows)
-    assert table.count("\n") == 4 and "| SimCLR | ResNet-18 | 50.0 | 20.0 | 60.0 | 1.0 | 1,000 | 512 |" in table
+    assert table.count("\n") == 5 and "| SimCLR | ResNet-18 | 50.0 | 60.0 | 1.0 | 1,000 | 512 |" in table
+    assert "| Random init (untrained) | ViT-Tiny | 20.0 | 25.0 | – | – | – |" in table
 
 
 # --- end to end on tiny runs ------------------------------------------------------------------
