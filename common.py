@@ -616,8 +616,8 @@ AUGMENT_PARTS = ("crop", "flip", "jitter", "gray", "blur")
 
 def simclr_augment(stats, size, min_scale=0.08, drop=()):
     """SimCLR, symmetric: both views from the same distribution (solo-learn's CIFAR values).
-    `drop` switches parts off, for the ablation of SimCLR's Table/Figure 5: 'crop' (views are
-    the whole image), 'flip', 'jitter' (colour distortion), 'gray', 'blur'."""
+    `drop` switches parts off, for an ablation like the SimCLR paper's study of augmentations:
+    'crop' (views are the whole image), 'flip', 'jitter' (colour distortion), 'gray', 'blur'."""
     aug = Augment(size=size, scale=(min_scale, 1.0), blur_p=0.5 if size > 64 else 0.0,
                   mean=stats[0], std=stats[1])
     for part in drop:

@@ -2,7 +2,7 @@
 augmentation switched off at a time.
 
 Contrastive learning learns what the views share; the augmentations decide what that is. The
-SimCLR paper (Figure 5, Table 1) finds that no single transformation suffices and that crop
+SimCLR paper's study of augmentations finds that no single transformation suffices and that crop
 plus colour distortion is the composition that matters: with crops alone, two views of an
 image still share their colour histogram, and the network can match them by colour alone.
 Every run is SimCLR with the same loss, temperature and budget; only `--drop-aug` changes.

@@ -3,9 +3,9 @@
 InfoNCE divides the cosine similarities by tau before the softmax. A small tau makes the
 softmax peaky: the gradient goes almost entirely to the hardest negatives (the most similar
 other images), and the embedding spreads them apart; a large tau weights every negative
-alike, which is gentler but separates near-duplicates less. The SimCLR paper (Table 5) finds
+alike, which is gentler but separates near-duplicates less. The SimCLR paper finds
 a middle value best; the solo-learn CIFAR recipe uses 0.2. One SimCLR run per tau, everything
-else equal. Writes results/temperature.png and results/temperature.json.
+else equal. Writes results/temperature.png, .json and .md.
 
     python experiments/temperature.py --epochs 10 --data shapes -- --image-size 16 --width 16
     python experiments/temperature.py --epochs 100 --data cifar10-jpg.tar.gz      # on a GPU
