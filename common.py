@@ -990,7 +990,7 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, bufs, alpha=-g["lr"])  # w <- w - lr v
 
 
-def make_optimizer(modules, name, lr, weight_decay, momentum=0.9):
+def make_optimizer(modules, name, lr, weight_decay, momentum=0.9, nesterov=False):
     """`modules`: a module or a list of (module, lr_scale). Weight matrices get weight decay
     (and LARS adaptation); biases and norm parameters get neither, as in SimCLR/BYOL."""
     if isinstance(modules, nn.Module):
@@ -1005,7 +1005,7 @@ def make_optimizer(modules, name, lr, weight_decay, momentum=0.9):
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
     raise UserError(f"--optimizer {name}: unknown; choose lars, sgd or adamw.")
@@ -1199,9 +1199,9 @@ class Run:
         B, n = self.args.batch_size, self.steps_per_epoch * self.args.batch_size
         if pool is None:
             perm = torch.randperm(self.n_train, device=self.device)
-        else:                                                  # (ceil(n / P) * P,) then cut to n
+        else:                                                  # ceil(n / P) permutations of the pool, one row each
             rounds = -(-n // len(pool))
-            perm = torch.cat([pool[torch.randperm(len(pool), device=pool.device)] for _ in range(rounds)])
+            perm = pool[torch.rand(rounds, len(pool), device=pool.device).argsort(1)].flatten()   # (rounds * P,)
         for i in range(self.steps_per_epoch):
             yield epoch * self.steps_per_epoch + i, perm[i * B:(i + 1) * B]
 

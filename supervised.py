@@ -128,9 +128,7 @@ def main(argv=None):
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
     model = run.prepare(Supervised(backbone, len(run.data.classes)))
     base_lr = args.lr * args.batch_size / 256
-    optimizer = common.make_optimizer(model, "sgd", base_lr, args.weight_decay)
-    for group in optimizer.param_groups:
-        group["nesterov"] = True
+    optimizer = common.make_optimizer(model, "sgd", base_lr, args.weight_decay, nesterov=True)
     run.start(model, optimizer, model.backbone)
     if args.augment == "simclr":
         augment = common.simclr_augment(run.stats, run.data.image_size, args.min_scale)
