@@ -8,7 +8,7 @@ point); what keeps BYOL away from it in practice is the asymmetry: a predictor o
 side only, and a target that moves slowly. `--no-predictor` removes the first and shows the
 collapse the lecture warns about. The lecture's pieces:
 
-    1. data augmentation   two asymmetric views (blur/solarise differ)    (common.byol_augments)
+    1. data augmentation   two asymmetric views (solarise differs)          (byol_augments)
     2. online network      encoder f_theta, projector g_theta, predictor q_theta:  p = q(g(f(v)))
     3. target network      encoder f_xi, projector g_xi:  z' = g_xi(f_xi(v')), no gradient,
                            xi <- tau xi + (1 - tau) theta, tau from tau_base to 1 (cosine)
@@ -36,9 +36,13 @@ import common
 
 # ============================================================================================
 # Configuration
-# Defaults follow solo-learn's CIFAR-10 BYOL recipe (LARS 1.0 per 256 images, weight decay
-# 1e-5, 4096-wide projector and predictor, tau from 0.99 to 1) at batch 512.
+# Defaults follow solo-learn's CIFAR-10 BYOL recipe (scripts/pretrain/cifar/byol.yaml and
+# augmentations/asymmetric.yaml: LARS 1.0 per 256 images, weight decay 1e-5, 4096-wide
+# projector and predictor, tau from 0.99 to 1, 1000 epochs with 10 of warmup), run at batch
+# 512 for 200 epochs.
 # ============================================================================================
+
+RECIPE_EPOCHS = 1000            # the length of the cited recipe; shorter runs scale its schedules
 
 def make_parser():
     p = argparse.ArgumentParser(description="BYOL self-supervised pretraining.")
@@ -50,11 +54,13 @@ def make_parser():
     g.add_argument("--lr", type=common.positive_float, default=1.0,
                    help="base learning rate per 256 images (scaled linearly with --batch-size)")
     g.add_argument("--optimizer", default="lars", choices=["lars", "sgd"], help="LARS, as in the paper")
-    g.add_argument("--weight-decay", type=float, default=1e-5, help="L2 penalty on weight matrices")
-    g.add_argument("--warmup-epochs", type=common.nonneg_int, default=10, help="linear LR warmup")
-    g.add_argument("--tau-base", type=float, default=0.99,
+    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-5, help="L2 penalty on weight matrices")
+    g.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
+                   help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
+                        "of a shorter run)")
+    g.add_argument("--tau-base", type=common.ema_momentum, default=0.99,
                    help="the target's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine")
-    g.add_argument("--min-scale", type=common.positive_float, default=0.08,
+    g.add_argument("--min-scale", type=common.fraction, default=0.08,
                    help="smallest crop as a fraction of the image area")
     g.add_argument("--predictor", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-predictor drops q_theta: the asymmetry goes and the embeddings collapse")
@@ -62,6 +68,22 @@ def make_parser():
     g.add_argument("--proj-dim", type=common.positive_int, default=256, help="dimension of z and p")
     g.add_argument("--pred-hidden", type=common.positive_int, default=4096, help="predictor hidden width")
     return p
+
+
+# ============================================================================================
+# Augmentation: two views from two different distributions
+# ============================================================================================
+
+def byol_augments(stats, size, min_scale=0.08):
+    """solo-learn's asymmetric.yaml: both views crop (8-100% of the area), flip, colour jitter
+    0.4, 0.4, 0.2, 0.1 with p 0.8 and grayscale p 0.2; the second view alone is solarised
+    with p 0.2. The paper also blurs (p 1.0 and 0.1), which solo-learn drops at 32 px: here
+    blur comes on above 64 px, with the paper's probabilities."""
+    big = size > 64
+    view = lambda blur_p, solarize_p: common.Augment(
+        size, scale=(min_scale, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=blur_p,
+        solarize_p=solarize_p, mean=stats[0], std=stats[1])
+    return view(1.0 if big else 0.0, 0.0), view(0.1 if big else 0.0, 0.2)
 
 
 # ============================================================================================
@@ -99,10 +121,12 @@ def byol_loss(p, z):
         || p/|p| - z/|z| ||^2  =  2 - 2 cos(p, z)
 
     p (N, D) from the online network; z (N, D) from the target, a fixed regression target:
-    the gradient never flows into it (detached here, whatever the caller passes)."""
-    p = F.normalize(p.float(), dim=1)
-    z = F.normalize(z.detach().float(), dim=1)
-    return (2 - 2 * (p * z).sum(1)).mean()
+    the gradient never flows into it (detached here, whatever the caller passes). In fp32
+    with autocast off."""
+    with torch.autocast(p.device.type, enabled=False):
+        p = F.normalize(p.float(), dim=1)
+        z = F.normalize(z.detach().float(), dim=1)
+        return (2 - 2 * (p * z).sum(1)).mean()
 
 
 # ============================================================================================
@@ -110,12 +134,12 @@ def byol_loss(p, z):
 # ============================================================================================
 
 def train_step(model, optimizer, x1, x2, tau, run):
-    """Both views in one forward pass; the online prediction of each view regresses the
-    target's projection of the other (the paper's L + L~). The target then follows."""
+    """The online prediction of each view regresses the target's projection of the other
+    (the paper's L + L~). Each view has its own forward pass, so BatchNorm normalises each
+    with its own statistics, as in the paper's code. The target then follows."""
     with run.autocast():
-        p, z = model(torch.cat([x1, x2]))                      # (2N, D) each
-        p1, p2 = p.chunk(2)                                    # (N, D) each
-        z1, z2 = z.chunk(2)
+        p1, z1 = model(x1)                                     # (N, D) each
+        p2, z2 = model(x2)
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -131,23 +155,24 @@ def train_step(model, optimizer, x1, x2, tau, run):
 def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
-    if not 0 <= args.tau_base < 1:
-        raise common.UserError(f"--tau-base {args.tau_base}: must be in [0, 1).")
     run = common.Run(args, "byol", parser)
 
-    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
+    # Residual branches start at 0 (torchvision's zero_init_residual), as in the paper's ResNet.
+    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size,
+                                     zero_init_residual=True)
     model = run.prepare(BYOL(backbone, args.proj_hidden, args.proj_dim, args.pred_hidden, args.predictor))
     base_lr = args.lr * args.batch_size / 256
-    optimizer = common.make_optimizer(model, args.optimizer, base_lr, args.weight_decay)
+    optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)
+    warmup = common.scaled_epochs(10, RECIPE_EPOCHS, args.epochs) if args.warmup_epochs is None else args.warmup_epochs
     run.start(model, optimizer, model.backbone)
-    augment1, augment2 = common.byol_augments(run.stats, run.data.image_size, args.min_scale)
+    augment1, augment2 = byol_augments(run.stats, run.data.image_size, args.min_scale)
     run.save_views([augment1, augment2])
     forward = run.compiled(model)
 
     for epoch in range(run.start_epoch, args.epochs):
         for step, x in run.batches(epoch):                     # x: (B, 3, H, W) uint8
-            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps,
-                                                      args.warmup_epochs * run.steps_per_epoch, base_lr))
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, round(warmup * run.steps_per_epoch),
+                                                      base_lr))
             tau = common.cosine_momentum(step, run.total_steps, args.tau_base)
             x1, x2 = augment1(x), augment2(x)                  # (B, 3, H, W) fp32 each
             loss, z = train_step(forward, optimizer, x1, x2, tau, run)

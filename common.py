@@ -442,48 +442,88 @@ def make_shapes_dataset(image_size=32, n_train=10000, n_test=2000):
 # 2. Augmentations
 # Batched and on the batch's device: every sample draws its own parameters, but the work is
 # a handful of tensor ops for the whole batch. Semantics follow torchvision's transforms
-# (the same parameter ranges and order), in fp32 on CPU and CUDA alike.
+# (the same parameter ranges and order), in fp32 on CPU and CUDA alike; tests check each
+# step against pillow or a per-image reference.
 # ============================================================================================
 
 def _uniform(n, lo, hi, device):
     return torch.rand(n, device=device) * (hi - lo) + lo
 
 
-def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5):
-    """x (N, C, H, W) float -> (N, C, size, size). Per sample: a box covering `scale` of the
-    area with aspect ratio in `ratio` (log-uniform), 10 tries then the central crop, as in
-    torchvision; then a horizontal flip with probability flip_p. One grid_sample does both."""
-    N, _, H, W = x.shape
-    dev = x.device
-    area = H * W * _uniform(N * 10, *scale, dev).view(N, 10)
-    logr = _uniform(N * 10, math.log(ratio[0]), math.log(ratio[1]), dev).view(N, 10)
-    w = torch.sqrt(area * torch.exp(logr)).round()            # (N, 10) candidate widths
+def sample_crop_boxes(n, height, width, scale, ratio, device):
+    """torchvision's RandomResizedCrop boxes for n images: (top, left, h, w), each (n,) float
+    holding whole pixels. A box covers `scale` of the area with aspect ratio in `ratio`
+    (log-uniform); 10 tries per image, then the largest central crop within `ratio`."""
+    area = height * width * _uniform(n * 10, *scale, device).view(n, 10)
+    logr = _uniform(n * 10, math.log(ratio[0]), math.log(ratio[1]), device).view(n, 10)
+    w = torch.sqrt(area * torch.exp(logr)).round()            # (n, 10) candidate widths
     h = torch.sqrt(area / torch.exp(logr)).round()
-    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    first = ok.int().argmax(1, keepdim=True)                   # first valid try per sample
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.int().argmax(1, keepdim=True)                   # first valid try per image
     w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(1)
-    # Fallback, as torchvision: the largest central crop whose ratio is clamped into `ratio`.
-    in_ratio = W / H
-    fw = W if in_ratio <= ratio[1] else round(H * ratio[1])
-    fh = H if in_ratio >= ratio[0] else round(W / ratio[0])
-    fw, fh = min(fw, W), min(fh, H)
+    in_ratio = width / height
+    fw = width if in_ratio <= ratio[1] else round(height * ratio[1])
+    fh = height if in_ratio >= ratio[0] else round(width / ratio[0])
+    fw, fh = min(fw, width), min(fh, height)
     w = torch.where(found, w, torch.full_like(w, fw))
     h = torch.where(found, h, torch.full_like(h, fh))
-    j = torch.where(found, (torch.rand(N, device=dev) * (W - w + 1)).floor(), torch.full_like(w, (W - fw) // 2))
-    i = torch.where(found, (torch.rand(N, device=dev) * (H - h + 1)).floor(), torch.full_like(h, (H - fh) // 2))
-    flip = torch.where(torch.rand(N, device=dev) < flip_p, -1.0, 1.0)
-    # Affine map from output coordinates in [-1, 1] to input coordinates (align_corners=False).
-    theta = torch.zeros(N, 2, 3, device=dev)
-    theta[:, 0, 0] = w / W * flip
-    theta[:, 0, 2] = (2 * j + w) / W - 1
-    theta[:, 1, 1] = h / H
-    theta[:, 1, 2] = (2 * i + h) / H - 1
-    grid = F.affine_grid(theta, (N, x.shape[1], size, size), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    left = torch.where(found, (torch.rand(n, device=device) * (width - w + 1)).floor(),
+                       torch.full_like(w, (width - fw) // 2))
+    top = torch.where(found, (torch.rand(n, device=device) * (height - h + 1)).floor(),
+                      torch.full_like(h, (height - fh) // 2))
+    return top, left, h, w
+
+
+def _cubic(d, a=-0.75):
+    """The cubic convolution kernel of F.interpolate(mode='bicubic') at distance d."""
+    d = d.abs()
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return torch.where(d <= 1, near, torch.where(d < 2, far, torch.zeros_like(d)))
+
+
+def _resize_matrix(start, length, size, in_size, mode):
+    """(n, size, in_size): row o holds the weights with which output pixel o mixes the input
+    pixels, for the segment [start, start + length) of each image resized to `size` pixels.
+    The same arithmetic as F.interpolate(align_corners=False) on the cropped image: source
+    coordinate (o + 0.5) * length / size - 0.5, taps clamped to the segment, so no pixel
+    outside the crop ever leaks in at its border."""
+    o = torch.arange(size, device=start.device, dtype=torch.float32)
+    src = (o[None] + 0.5) * (length / size)[:, None] - 0.5    # (n, size) in crop coordinates
+    base = src.floor()
+    taps = base[..., None] + torch.arange(-1, 3, device=start.device)   # (n, size, 4): 4 neighbours
+    if mode == "bicubic":
+        weights = _cubic(src[..., None] - taps)
+    else:                                                      # bilinear: the triangle kernel
+        weights = (1 - (src[..., None] - taps).abs()).clamp(min=0)
+    idx = start[:, None, None] + torch.minimum(taps.clamp(min=0), length[:, None, None] - 1)
+    m = torch.zeros(len(start), size, in_size, device=start.device)
+    return m.scatter_add_(2, idx.long(), weights)
+
+
+def resized_crop(x, boxes, size, flip, mode="bicubic"):
+    """Crop each image of x (N, C, H, W) to its box (top, left, h, w) and resize the crop to
+    size x size, mirrored where flip (N,) is true: torchvision's resized_crop, for the whole
+    batch in two matrix products (rows, then columns) instead of N calls."""
+    top, left, h, w = boxes
+    N, C, H, W = x.shape
+    rows = _resize_matrix(top, h, size, H, mode)               # (N, size, H)
+    cols = _resize_matrix(left, w, size, W, mode)              # (N, size, W)
+    cols = torch.where(flip.view(N, 1, 1), cols.flip(1), cols)   # a mirror reverses the output columns
+    out = rows.unsqueeze(1) @ x @ cols.transpose(1, 2).unsqueeze(1)   # (N, C, size, size)
+    return out.clamp(0, 1) if mode == "bicubic" else out      # bicubic overshoots at edges
+
+
+def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5, mode="bicubic"):
+    """x (N, C, H, W) float -> (N, C, size, size): RandomResizedCrop, then a horizontal flip
+    with probability flip_p, each sample with its own box."""
+    boxes = sample_crop_boxes(x.shape[0], x.shape[2], x.shape[3], scale, ratio, x.device)
+    flip = torch.rand(x.shape[0], device=x.device) < flip_p
+    return resized_crop(x, boxes, size, flip, mode)
 
 
 def grayscale(x):
-    """(N, 3, H, W) -> (N, 1, H, W), ITU-R 601 luma as torchvision."""
+    """(N, 3, H, W) -> (N, 1, H, W): ITU-R 601-2 luma, pillow's convert('L') and torchvision's."""
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
@@ -507,37 +547,45 @@ def hsv_to_rgb(x):
     return torch.stack([f(5), f(3), f(1)], 1)
 
 
-def color_jitter(x, brightness, contrast, saturation, hue, p=0.8):
-    """torchvision's ColorJitter with per-sample factors and a per-sample random order of the
-    four operations, applied to each sample with probability p. x (N, 3, H, W) in [0, 1].
+def adjust_colors(x, factors, order, hue=True):
+    """The four steps of ColorJitter with given parameters. x (N, 3, H, W) in [0, 1];
+    factors (N, 4): brightness, contrast and saturation factors (1 = unchanged) and a hue
+    shift (a fraction of the colour circle, 0 = unchanged); order (N, 4): which step comes
+    when (0 brightness, 1 contrast, 2 saturation, 3 hue), a permutation per sample.
 
-    Brightness, contrast and saturation are all blends x*f + target*(1-f) (target: black,
-    the mean grey level, the grey image), so each of the four steps costs one blend for the
-    whole batch; hue is a shift of H in HSV space."""
-    N, dev = x.shape[0], x.device
-    on = torch.rand(N, device=dev) < p
-    one = torch.ones(N, device=dev)
-    # Factors; samples that skip jitter get the identity (1 for blends, 0 for hue).
-    fb = torch.where(on, _uniform(N, max(0, 1 - brightness), 1 + brightness, dev), one)
-    fc = torch.where(on, _uniform(N, max(0, 1 - contrast), 1 + contrast, dev), one)
-    fs = torch.where(on, _uniform(N, max(0, 1 - saturation), 1 + saturation, dev), one)
-    fh = torch.where(on, _uniform(N, -hue, hue, dev), 0 * one)
-    order = torch.rand(N, 4, device=dev).argsort(1)            # (N, 4) a random permutation each
+    Brightness, contrast and saturation are blends x*f + target*(1-f) with target black, the
+    image's mean grey level, and its grey image, clamped to [0, 1] after each step, as in
+    torchvision; hue rotates H in HSV space. Each step is one blend for the whole batch.
+    hue=False skips the HSV round trip when every shift is 0."""
+    N = x.shape[0]
+    shift = factors[:, 3].view(N, 1, 1)
     for step in range(4):
         op = order[:, step].view(N, 1, 1, 1)
         gray = grayscale(x)
         target = torch.where(op == 0, torch.zeros_like(gray),
                  torch.where(op == 1, gray.mean((2, 3), keepdim=True), gray))
-        f = torch.where(op == 0, fb.view(N, 1, 1, 1), torch.where(op == 1, fc.view(N, 1, 1, 1), fs.view(N, 1, 1, 1)))
-        blended = (x * f + target * (1 - f)).clamp(0, 1)
-        shifted = x
-        if hue > 0:
+        f = factors.gather(1, order[:, step:step + 1]).view(N, 1, 1, 1)
+        f = torch.where(op == 3, 1.0, f)                       # the hue step is no blend
+        x_new = (x * f + target * (1 - f)).clamp(0, 1)
+        if hue:
             hsv = rgb_to_hsv(x)
-            hsv = torch.stack([(hsv[:, 0] + fh.view(N, 1, 1)) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
-            # Samples that skip jitter keep x exactly, not x after an HSV round trip.
-            shifted = torch.where(on.view(N, 1, 1, 1), hsv_to_rgb(hsv), x)
-        x = torch.where(op == 3, shifted, blended)
+            shifted = hsv_to_rgb(torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1)).clamp(0, 1)
+            x_new = torch.where(op == 3, shifted, x_new)
+        x = x_new
     return x
+
+
+def color_jitter(x, brightness, contrast, saturation, hue, p=0.8):
+    """torchvision's RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p):
+    per sample, with probability p, factors drawn uniformly from [1 - s, 1 + s] (the shift
+    from [-hue, hue]) and the four steps in a random order."""
+    N, dev = x.shape[0], x.device
+    lo_hi = [(max(0, 1 - s), 1 + s) for s in (brightness, contrast, saturation)] + [(-hue, hue)]
+    factors = torch.stack([_uniform(N, lo, hi, dev) for lo, hi in lo_hi], 1)   # (N, 4)
+    order = torch.rand(N, 4, device=dev).argsort(1)            # (N, 4) a random permutation each
+    on = (torch.rand(N, device=dev) < p).view(N, 1, 1, 1)
+    # Samples that skip the jitter keep x exactly, not x after an HSV round trip.
+    return torch.where(on, adjust_colors(x, factors, order, hue=hue > 0), x)
 
 
 def random_grayscale(x, p):
@@ -545,36 +593,47 @@ def random_grayscale(x, p):
     return torch.where(on, grayscale(x).expand_as(x), x)
 
 
-def gaussian_blur(x, p, sigma=(0.1, 2.0)):
-    """Blur each chosen sample with its own sigma; kernel ~10% of the image side, as the
-    papers' 23 px at 224. Separable: one depthwise conv along each axis for the batch."""
+def blur(x, sigma, radius):
+    """Gaussian blur of each image of x (N, C, H, W) with its own sigma (N,), in pixels; the
+    kernel reaches `radius` pixels each way and edges repeat the border pixel. Separable:
+    one depthwise convolution along each axis for the whole batch."""
     N, C, H, W = x.shape
-    k = max(3, int(0.1 * H) // 2 * 2 + 1)
-    s = _uniform(N, *sigma, x.device)
-    t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
-    kern = torch.exp(-t[None] ** 2 / (2 * s[:, None] ** 2))    # (N, k)
-    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(C, 0)   # (N*C, k)
-    y = F.pad(x.reshape(1, N * C, H, W), (k // 2,) * 4, mode="reflect")
-    y = F.conv2d(y, kern.view(N * C, 1, 1, k), groups=N * C)  # along width
-    y = F.conv2d(y, kern.view(N * C, 1, k, 1), groups=N * C)  # along height
-    on = (torch.rand(N, device=x.device) < p).view(N, 1, 1, 1)
-    return torch.where(on, y.view(N, C, H, W), x)
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kern = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))   # (N, 2r+1)
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(C, 0)   # (N*C, 2r+1)
+    y = F.pad(x.reshape(1, N * C, H, W), (radius,) * 4, mode="replicate")
+    y = F.conv2d(y, kern.view(N * C, 1, 1, -1), groups=N * C)  # along width
+    y = F.conv2d(y, kern.view(N * C, 1, -1, 1), groups=N * C)  # along height
+    return y.view(N, C, H, W).clamp(0, 1)                      # the clamp: rounding can pass 1
+
+
+def gaussian_blur(x, p, sigma=(0.1, 2.0)):
+    """With probability p per sample, a blur with sigma drawn uniformly from `sigma`, in
+    pixels: pillow's GaussianBlur(radius=sigma) as the papers' code and solo-learn apply it,
+    whatever the image size. The kernel reaches 3 sigma."""
+    s = _uniform(x.shape[0], *sigma, x.device)
+    on = (torch.rand(x.shape[0], device=x.device) < p).view(-1, 1, 1, 1)
+    return torch.where(on, blur(x, s, math.ceil(3 * sigma[1])), x)
 
 
 def solarize(x, p, threshold=0.5):
+    """Invert the pixels at or above threshold: pillow's ImageOps.solarize(img, 128)."""
     on = (torch.rand(x.shape[0], device=x.device) < p).view(-1, 1, 1, 1)
     return torch.where(on & (x >= threshold), 1 - x, x)
 
 
 @dataclass
 class Augment:
-    """One augmentation recipe. Call it on a uint8 batch (N, 3, H, W); get normalised fp32
-    views (N, 3, size, size). Any probability set to 0 switches that step off."""
-    size: int = 32
+    """One augmentation recipe, torchvision's pipeline in its usual order: RandomResizedCrop,
+    horizontal flip, colour jitter, grayscale, blur, solarisation, normalisation. Call it on a
+    uint8 batch (N, 3, H, W); get normalised fp32 views (N, 3, size, size). A probability of
+    0 switches that step off. Every method file writes its recipe out in full."""
+    size: int
     scale: tuple = (0.08, 1.0)
     ratio: tuple = (3 / 4, 4 / 3)
+    interpolation: str = "bicubic"          # the papers' code and solo-learn resize crops bicubically
     flip_p: float = 0.5
-    jitter: tuple = (0.4, 0.4, 0.2, 0.1)    # brightness, contrast, saturation, hue
+    jitter: tuple = (0.4, 0.4, 0.4, 0.1)    # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
     gray_p: float = 0.2
     blur_p: float = 0.0
@@ -584,7 +643,7 @@ class Augment:
 
     def __call__(self, x, normalize=True):
         x = x.float() / 255                                    # fp32 even under autocast
-        x = random_resized_crop(x, self.size, self.scale, self.ratio, self.flip_p)
+        x = random_resized_crop(x, self.size, self.scale, self.ratio, self.flip_p, self.interpolation)
         if self.jitter_p > 0:
             x = color_jitter(x, *self.jitter, p=self.jitter_p)
         if self.gray_p > 0:
@@ -608,60 +667,11 @@ def normalize_images(x, mean, std):
     return (x - _channel_tensor(tuple(mean), x.device)) / _channel_tensor(tuple(std), x.device)
 
 
-# The recipes. Peers' CIFAR configurations drop Gaussian blur at 32 px (a 3-pixel kernel
-# erases most of a 32-pixel object), so blur is used only for larger images.
-
-AUGMENT_PARTS = ("crop", "flip", "jitter", "gray", "blur")
-
-
-def simclr_augment(stats, size, min_scale=0.08, drop=()):
-    """SimCLR, symmetric: both views from the same distribution (solo-learn's CIFAR values).
-    `drop` switches parts off, for an ablation like the SimCLR paper's study of augmentations:
-    'crop' (views are the whole image), 'flip', 'jitter' (colour distortion), 'gray', 'blur'."""
-    aug = Augment(size=size, scale=(min_scale, 1.0), blur_p=0.5 if size > 64 else 0.0,
-                  mean=stats[0], std=stats[1])
-    for part in drop:
-        if part == "crop":
-            aug.scale, aug.ratio = (1.0, 1.0), (1.0, 1.0)
-        elif part == "flip":
-            aug.flip_p = 0.0
-        elif part == "jitter":
-            aug.jitter_p = 0.0
-        elif part == "gray":
-            aug.gray_p = 0.0
-        elif part == "blur":
-            aug.blur_p = 0.0
-        else:
-            raise UserError(f"augmentation part {part!r}: unknown; choose from {', '.join(AUGMENT_PARTS)}.")
-    return aug
-
-
-def byol_augments(stats, size, min_scale=0.08):
-    """BYOL/DINO, asymmetric: view 1 always blurred, view 2 rarely blurred but sometimes solarised."""
-    big, scale = size > 64, (min_scale, 1.0)
-    return (Augment(size=size, scale=scale, blur_p=1.0 if big else 0.0, mean=stats[0], std=stats[1]),
-            Augment(size=size, scale=scale, blur_p=0.1 if big else 0.0, solarize_p=0.2, mean=stats[0], std=stats[1]))
-
-
-def multicrop_augments(stats, size, local_size, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3)):
-    """DINO multi-crop: the two asymmetric global views plus small local crops."""
-    g1, g2 = byol_augments(stats, size)
-    g1.scale = g2.scale = global_scale
-    local = Augment(size=local_size, scale=local_scale, blur_p=0.5 if size > 64 else 0.0,
-                    mean=stats[0], std=stats[1])
-    return g1, g2, local
-
-
-def mae_augment(stats, size):
-    """MAE: crop and flip only; the masking is the hard part of the task."""
-    return Augment(size=size, scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0, mean=stats[0], std=stats[1])
-
-
 # ============================================================================================
 # 3. Backbones
 # ResNets with the small-image stem (3x3 conv, stride 1, no max-pool: a 7x7/2 conv and a
-# pool would shrink a 32 px image to 8 px before the first block) and ViTs that can return
-# attention maps (DINO) and encode a subset of their tokens (MAE). `.dim` is the feature size.
+# pool would shrink a 32 px image to 8 px before the first block) and ViTs, with the MLP
+# heads the methods put on top. `.dim` is the feature size.
 # ============================================================================================
 
 class BasicBlock(nn.Module):
@@ -673,6 +683,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c)
         self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c)
+        self.last_bn = self.bn2                                # the BN that zero_init_residual zeroes
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != c:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, c, 1, stride, bias=False), nn.BatchNorm2d(c))
@@ -693,6 +704,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(c)
         self.conv3 = nn.Conv2d(c, 4 * c, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(4 * c)
+        self.last_bn = self.bn3
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != 4 * c:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, 4 * c, 1, stride, bias=False), nn.BatchNorm2d(4 * c))
@@ -704,7 +716,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, layers, width=64, small_input=True):
+    def __init__(self, block, layers, width=64, small_input=True, zero_init_residual=False):
         super().__init__()
         if small_input:
             self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
@@ -722,10 +734,24 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:
+            # Each residual branch starts at 0, so every block starts as the identity (Goyal
+            # et al. 2017); torchvision's zero_init_residual, used by SimSiam's and BYOL's code.
+            for blk in self.stages:
+                nn.init.zeros_(blk.last_bn.weight)
 
     def forward(self, x):                                      # (N, 3, H, W)
         x = self.stages(self.stem(x))                          # (N, dim, H/8, W/8)
         return x.mean((2, 3))                                  # (N, dim)
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: in training, drop a residual branch for a random fraction p of the
+    samples (the rest scaled by 1/(1-p) so the expectation is unchanged). x (B, L, D)."""
+    if p == 0 or not training:
+        return x
+    keep = (torch.rand(x.shape[0], 1, 1, device=x.device) >= p).to(x.dtype)   # (B, 1, 1)
+    return x * keep / (1 - p)
 
 
 class Attention(nn.Module):
@@ -749,23 +775,29 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)); each branch dropped
+    for a fraction `drop` of the samples in training (stochastic depth, 0 = off)."""
 
-    def __init__(self, dim, heads, mlp_ratio=4):
+    def __init__(self, dim, heads, mlp_ratio=4, drop=0.0):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.drop = drop
 
     def forward(self, x, return_attention=False):
         a, attn = self.attn(self.norm1(x), return_attention)
-        x = x + a
-        x = x + self.mlp(self.norm2(x))
+        x = x + drop_path(a, self.drop, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop, self.training)
         return (x, attn) if return_attention else x
 
 
 class ViT(nn.Module):
-    def __init__(self, image_size=32, patch_size=4, dim=192, depth=12, heads=3):
+    """A Vision Transformer: patches -> tokens with learned positions, [CLS] first, pre-norm
+    blocks, a final LayerNorm. forward() returns the [CLS] feature (B, dim). Initialised as
+    DINO's and timm's ViTs (truncated normal, std 0.02); mae.py re-initialises its own."""
+
+    def __init__(self, image_size=32, patch_size=4, dim=192, depth=12, heads=3, drop_path=0.0):
         super().__init__()
         if image_size % patch_size:
             raise UserError(f"--patch-size {patch_size} does not divide the image size {image_size}.")
@@ -773,21 +805,26 @@ class ViT(nn.Module):
         self.num_patches = (image_size // patch_size) ** 2
         self.patch_embed = nn.Conv2d(3, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.num_patches, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, dim))
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.set_drop_path(drop_path)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def embed(self, x, ids_keep=None):
-        """Images (B, 3, H, W) -> tokens (B, 1 + L', D), [CLS] first. With ids_keep (B, L'),
-        only those patches are kept (MAE's encoder sees the visible 25% and nothing else)."""
+    def set_drop_path(self, rate):
+        """Stochastic depth rising linearly from 0 in the first block to `rate` in the last (timm)."""
+        for i, blk in enumerate(self.blocks):
+            blk.drop = rate * i / max(1, len(self.blocks) - 1)
+
+    def embed(self, x):
+        """Images (B, 3, H, W) -> tokens (B, 1 + L, D) with positions added, [CLS] first."""
         x = self.patch_embed(x)                                # (B, D, h, w) patch grid
         x = x.flatten(2).transpose(1, 2) + self.patch_positions(x.shape[2])   # (B, L, D), L = h*w
-        if ids_keep is not None:
-            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))   # (B, L', D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)      # (B, 1, D)
         return torch.cat([cls, x], 1)
 
@@ -802,52 +839,44 @@ class ViT(nn.Module):
         pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False)
         return pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)   # (1, grid*grid, D)
 
-    def tokens(self, x, ids_keep=None):
-        x = self.embed(x, ids_keep)
+    def features(self, x):
+        """Every token after the last block, before the final norm: (B, 1 + L, D)."""
+        x = self.embed(x)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)                                    # (B, 1 + L', D)
+        return x
 
     def forward(self, x):
-        return self.tokens(x)[:, 0]                            # (B, D): the [CLS] feature
-
-    @torch.no_grad()
-    def last_attention(self, x):
-        """Attention weights of the last block, (B, heads, 1 + L, 1 + L); rows sum to 1."""
-        x = self.embed(x)
-        for blk in self.blocks[:-1]:
-            x = blk(x)
-        return self.blocks[-1](x, return_attention=True)[1]
+        return self.norm(self.features(x)[:, 0])               # (B, D): the [CLS] feature
 
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small"]
 
 
-def build_backbone(arch, image_size=32, width=64, patch_size=4):
-    """Small inputs (<= 64 px) get the small-image stem."""
+def build_backbone(arch, image_size=32, width=64, patch_size=4, zero_init_residual=False, drop_path=0.0):
+    """Small inputs (<= 64 px) get the small-image stem. zero_init_residual applies to
+    ResNets, drop_path (stochastic depth) to ViTs."""
     small = image_size <= 64
     if arch == "resnet18":
-        return ResNet(BasicBlock, [2, 2, 2, 2], width, small)
+        return ResNet(BasicBlock, [2, 2, 2, 2], width, small, zero_init_residual)
     if arch == "resnet34":
-        return ResNet(BasicBlock, [3, 4, 6, 3], width, small)
+        return ResNet(BasicBlock, [3, 4, 6, 3], width, small, zero_init_residual)
     if arch == "resnet50":
-        return ResNet(Bottleneck, [3, 4, 6, 3], width, small)
+        return ResNet(Bottleneck, [3, 4, 6, 3], width, small, zero_init_residual)
     if arch == "vit_tiny":
-        return ViT(image_size, patch_size, 192, 12, 3)
+        return ViT(image_size, patch_size, 192, 12, 3, drop_path)
     if arch == "vit_small":
-        return ViT(image_size, patch_size, 384, 12, 6)
+        return ViT(image_size, patch_size, 384, 12, 6, drop_path)
     raise UserError(f"--arch {arch}: unknown; choose one of {', '.join(ARCHS)}.")
 
 
-def mlp(dims, last_bn=False):
-    """Projection/prediction head: Linear-BN-ReLU for every hidden layer, then a Linear
-    (and a BN without affine when last_bn, as SimSiam's projector). dims = [in, ..., out]."""
+def mlp(dims):
+    """Projection/prediction head: Linear-BN-ReLU for every hidden layer, then a Linear.
+    dims = [in, ..., out]. SimCLR's projector, BYOL's projector and predictor."""
     layers = []
     for i in range(len(dims) - 2):
         layers += [nn.Linear(dims[i], dims[i + 1], bias=False), nn.BatchNorm1d(dims[i + 1]), nn.ReLU()]
-    layers.append(nn.Linear(dims[-2], dims[-1], bias=not last_bn))
-    if last_bn:
-        layers.append(nn.BatchNorm1d(dims[-1], affine=False))
+    layers.append(nn.Linear(dims[-2], dims[-1]))
     return nn.Sequential(*layers)
 
 
@@ -882,6 +911,38 @@ def positive_float(s):
         raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
     if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"{v} must be a positive number")
+    return v
+
+
+def nonneg_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{v} must be a number >= 0")
+    return v
+
+
+def ema_momentum(s):
+    """An EMA momentum: a number in [0, 1)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be in [0, 1)")
+    return v
+
+
+def fraction(s):
+    """A number in (0, 1]: a share of an image's area, of the labels, ..."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{v} must be in (0, 1]")
     return v
 
 
@@ -934,6 +995,14 @@ def pick_device(name):
     return torch.device(name)
 
 
+def scaled_epochs(value, recipe_epochs, epochs):
+    """A schedule that lasts `value` epochs in a recipe of `recipe_epochs` epochs, fitted to a
+    run of `epochs`: the recipe's own length when the run is at least as long, the same
+    fraction of the run when it is shorter. A 5-epoch run then follows a compressed recipe
+    (warmups included) instead of stopping inside the first few epochs of a long one."""
+    return value if epochs >= recipe_epochs else value * epochs / recipe_epochs
+
+
 def cosine_lr(step, total, warmup, base, final=0.0):
     """Linear warmup from 0 to `base` over `warmup` steps, then a cosine from `base` to `final`."""
     if step < warmup:
@@ -949,17 +1018,20 @@ def set_lr(optimizer, lr):
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step for each weight tensor is rescaled by the trust ratio
-    eta * ||w|| / ||g + wd * w|| (You et al., arXiv 1708.03888): each layer moves by a set
-    fraction of its own size, which keeps large-batch training stable. Groups with
-    lars=False (biases, norms) take plain SGD steps and, by convention, no weight decay.
+    (You et al., arXiv 1708.03888, eq. 6):
 
-    clip=True is the "clip" mode of NVIDIA's LARC, used by solo-learn's CIFAR recipes whose
-    learning rates we take: the layer's rate is min(trust ratio, lr) rather than
-    lr * trust ratio, so the global lr is a ceiling and eta sets the step size."""
+        trust = eta * ||w|| / (||g|| + wd * ||w||),   d = trust * (g + wd * w)
 
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.02, clip=True):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True,
-                                      clip=clip))
+    so that each layer moves by a set fraction of its own size, which keeps large-batch
+    training stable. Groups with decay=False (biases, norms) take plain SGD steps and no
+    weight decay; a tensor whose weight or gradient norm is 0 does too. With clip=True (the
+    "clip" mode of NVIDIA's LARC, which solo-learn's CIFAR recipes use), the layer's rate is
+    min(lr * trust, lr) instead of lr * trust: the global lr is a ceiling and eta sets the
+    step. solo-learn's implementation, written with multi-tensor ops."""
+
+    def __init__(self, params, lr, momentum=0.9, eta=0.02, clip=True, eps=1e-8):
+        super().__init__(params, dict(lr=lr, weight_decay=0.0, momentum=momentum, eta=eta, decay=True,
+                                      clip=clip, eps=eps))
 
     @torch.no_grad()
     def step(self):
@@ -968,17 +1040,18 @@ class LARS(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            if g["weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=g["weight_decay"])
-            if g["lars"]:
+            wd = g["weight_decay"]
+            if g["decay"]:
                 # Norms of all tensors at once: a few kernels, not a Python loop of them.
                 w_norm = torch.stack(torch._foreach_norm(params))
                 g_norm = torch.stack(torch._foreach_norm(grads))
-                trust = g["eta"] * w_norm / g_norm
+                trust = g["eta"] * w_norm / (g_norm + wd * w_norm + g["eps"])
                 if g["clip"]:
-                    trust = torch.clamp(trust / g["lr"], max=1.0)    # lr * trust = min(eta ||w||/||g||, lr)
-                trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(w_norm))
-                grads = torch._foreach_mul(grads, list(trust.unbind()))
+                    trust = torch.clamp(trust / g["lr"], max=1.0)    # lr * trust = min(lr * ratio, lr)
+                adapt = (w_norm > 0) & (g_norm > 0)
+                grads = torch._foreach_add(grads, params, alpha=wd)   # g + wd * w
+                grads = [torch.where(a, d, p.grad) for a, d, p in zip(adapt.unbind(), grads, params)]
+                grads = torch._foreach_mul(grads, list(torch.where(adapt, trust, 1.0).unbind()))
             bufs = []
             for p, d in zip(params, grads):
                 state = self.state[p]
@@ -986,46 +1059,53 @@ class LARS(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(state["momentum_buffer"])
             torch._foreach_mul_(bufs, g["momentum"])
-            torch._foreach_add_(bufs, grads)                   # v <- m v + g
+            torch._foreach_add_(bufs, grads)                   # v <- m v + d
             torch._foreach_add_(params, bufs, alpha=-g["lr"])  # w <- w - lr v
 
 
-def make_optimizer(modules, name, lr, weight_decay, momentum=0.9, nesterov=False):
-    """`modules`: a module or a list of (module, lr_scale). Weight matrices get weight decay
-    (and LARS adaptation); biases and norm parameters get neither, as in SimCLR/BYOL."""
-    if isinstance(modules, nn.Module):
-        modules = [(modules, 1.0)]
-    groups = []
-    for module, scale in modules:
-        params = [p for p in module.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups += [dict(params=decay, weight_decay=weight_decay, lars=True, decay=True, lr_scale=scale),
-                   dict(params=no_decay, weight_decay=0.0, lars=False, decay=False, lr_scale=scale)]
+def param_groups(model, weight_decay, no_decay=(), lr_scale=None):
+    """The trainable parameters of `model` as optimizer groups. Weight matrices and kernels get
+    weight decay (and LARS's trust ratio); biases, norm parameters and the parameters whose
+    last name is in `no_decay` (MAE's tokens) get neither, as in SimCLR, BYOL and MAE.
+    lr_scale(name), when given, multiplies a parameter's learning rate (layer-wise decay)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim > 1 and name.split(".")[-1] not in no_decay
+        scale = lr_scale(name) if lr_scale else 1.0
+        group = groups.setdefault((decay, scale), dict(params=[], weight_decay=weight_decay if decay else 0.0,
+                                                       decay=decay, lr_scale=scale))
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def make_optimizer(groups, name, lr, momentum=0.9, betas=(0.9, 0.999), nesterov=False):
+    """groups: from param_groups. AdamW's betas default to PyTorch's (0.9, 0.999), which DINO
+    and MAE's fine-tuning use; MAE's pretraining passes (0.9, 0.95)."""
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
     raise UserError(f"--optimizer {name}: unknown; choose lars, sgd or adamw.")
 
 
 @torch.no_grad()
 def ema_update(target, online, momentum):
-    """target <- m * target + (1 - m) * online, parameter by parameter; buffers (BN
-    statistics) are copied. The slow teacher of MoCo, BYOL and DINO."""
+    """target <- m * target + (1 - m) * online, parameter by parameter: the slow teacher of
+    MoCo, BYOL and DINO. Buffers (BatchNorm's running statistics) are not averaged or copied:
+    as in MoCo's, BYOL's and DINO's code, the teacher keeps the statistics of its own inputs."""
     t_params, o_params = list(target.parameters()), list(online.parameters())
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, o_params, alpha=1 - momentum)
-    for tb, ob in zip(target.buffers(), online.buffers()):
-        tb.copy_(ob)
 
 
-def cosine_momentum(step, total, base):
-    """BYOL's EMA schedule: tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, from tau_base at
-    step 0 to 1 at the last step, so the teacher freezes as training settles."""
-    return 1 - (1 - base) * (math.cos(math.pi * min(step / max(1, total), 1.0)) + 1) / 2
+def cosine_momentum(step, total, base, final=1.0):
+    """BYOL's EMA schedule: tau = final - (final - base) (cos(pi k / K) + 1) / 2, from `base`
+    at step 0 to `final` at the last step, so the teacher slows down as training settles."""
+    return final - (final - base) * (math.cos(math.pi * min(step / max(1, total), 1.0)) + 1) / 2
 
 
 def embedding_std(z):
@@ -1453,42 +1533,95 @@ def linear_probe(backbone, data, stats, epochs=100, lr=1e-3, batch_size=256):
         return (clf(test_f).argmax(1) == data.test_y).float().mean().item()
 
 
-def fine_tune(backbone, data, stats, epochs, lr=1e-3, batch_size=256, weight_decay=0.05, warmup_epochs=5,
-              label_smoothing=0.1, name="fine-tune"):
-    """Test top-1 after training the whole backbone plus a linear head with labels: AdamW,
-    warmup then cosine, crop+flip, label smoothing, bf16 on CUDA. Used with the same
-    arguments for a pretrained encoder and a randomly initialised one, the gap between the two
-    is what pretraining bought. Trains `backbone` in place: pass a copy to keep the original."""
+class Classifier(nn.Module):
+    """An encoder and a linear head, for fine-tuning. A ViT's feature is the average of its
+    patch tokens under a fresh LayerNorm instead of [CLS] (MAE's fine-tuning, "global pool");
+    a ResNet's is its pooled feature map. The head starts near 0 (MAE: normal, std 2e-5)."""
+
+    def __init__(self, backbone, num_classes):
+        super().__init__()
+        self.backbone = backbone
+        self.fc_norm = nn.LayerNorm(backbone.dim, eps=1e-6) if isinstance(backbone, ViT) else nn.Identity()
+        self.head = nn.Linear(backbone.dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        if isinstance(self.backbone, ViT):
+            h = self.fc_norm(self.backbone.features(x)[:, 1:].mean(1))   # (B, D): mean over patches
+        else:
+            h = self.backbone(x)                               # (B, D)
+        return self.head(h)
+
+
+def layer_decay(model, rate):
+    """MAE's (and BEiT's) layer-wise learning-rate decay for a Classifier around a ViT: the
+    head gets the full rate, block i of n gets rate^(n - i), the embeddings rate^(n + 1), so
+    the early layers, which pretraining made most general, move least. Returns lr_scale(name)."""
+    n = len(model.backbone.blocks)
+
+    def lr_scale(name):
+        parts = name.split(".")
+        if parts[0] != "backbone" or parts[1] == "norm":
+            layer = n + 1                                      # head, fc_norm
+        elif parts[1] == "blocks":
+            layer = int(parts[2]) + 1
+        else:
+            layer = 0                                          # patch_embed, cls_token, pos_embed
+        return rate ** (n + 1 - layer)
+    return lr_scale
+
+
+def fine_tune(backbone, data, stats, epochs, lr=1e-3, batch_size=256, weight_decay=0.05, warmup_epochs=None,
+              label_smoothing=0.1, layer_decay_rate=0.75, drop_path_rate=0.1, name="fine-tune"):
+    """Test top-1 after training the whole encoder plus a linear head with labels, MAE's
+    fine-tuning recipe: AdamW (default betas), lr per 256 images with warmup (5 of MAE's 100
+    epochs, the same fraction of a shorter run) then cosine, layer-wise lr decay 0.75 and drop
+    path 0.1 (ViTs only), global average pooling, label smoothing 0.1, crop + flip, bf16 on
+    CUDA. Left out of the paper's recipe: RandAugment, mixup, cutmix and random erasing. Used
+    with the same arguments for a pretrained encoder and a randomly initialised one, the gap
+    between the two is what pretraining bought. Trains `backbone` in place: pass a copy."""
     device = data.train_x.device
     cuda = device.type == "cuda"
-    model = nn.Sequential(backbone, nn.Linear(backbone.dim, len(data.classes))).to(device)
-    optimizer = make_optimizer(model, "adamw", lr, weight_decay)
-    augment = Augment(size=data.image_size, scale=(0.35, 1.0), jitter_p=0.0, gray_p=0.0, mean=stats[0], std=stats[1])
+    vit = isinstance(backbone, ViT)
+    if vit:
+        backbone.set_drop_path(drop_path_rate)
+    backbone.requires_grad_(True)                              # MAE's fixed positions are trained now
+    model = Classifier(backbone, len(data.classes)).to(device)
     B = min(batch_size, len(data.train_x))
+    base_lr = lr * B / 256
+    groups = param_groups(model, weight_decay, no_decay=("cls_token", "pos_embed"),
+                          lr_scale=layer_decay(model, layer_decay_rate) if vit else None)
+    optimizer = make_optimizer(groups, "adamw", base_lr)
+    augment = Augment(size=data.image_size, scale=(0.08, 1.0), jitter_p=0.0, gray_p=0.0, mean=stats[0], std=stats[1])
     steps = len(data.train_x) // B
+    warmup = scaled_epochs(5, 100, epochs) if warmup_epochs is None else warmup_epochs
     t0 = time.time()
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(data.train_x), device=device)
         loss_sum = torch.zeros((), device=device)
         for i in range(steps):
-            set_lr(optimizer, cosine_lr(epoch * steps + i, epochs * steps, warmup_epochs * steps, lr))
+            set_lr(optimizer, cosine_lr(epoch * steps + i, epochs * steps, round(warmup * steps), base_lr))
             idx = perm[i * B:(i + 1) * B]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                loss = F.cross_entropy(model(augment(data.train_x[idx])), data.train_y[idx],
-                                       label_smoothing=label_smoothing)
+                logits = model(augment(data.train_x[idx]))
+            loss = F.cross_entropy(logits.float(), data.train_y[idx], label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach().float()
+            loss_sum += loss.detach()
         if (epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs:
             print(f"{name}: epoch {epoch + 1}/{epochs} loss {(loss_sum / steps).item():.4f} "
                   f"({time.time() - t0:.0f}s)", file=sys.stderr)
     model.eval()
+    correct = 0
     with torch.no_grad():
-        features = extract_features(backbone, data.test_x, stats)
-        pred = model[1](features).argmax(1)
-    return (pred == data.test_y).float().mean().item()
+        for i in range(0, len(data.test_x), 1024):
+            x = normalize_images(data.test_x[i:i + 1024].float() / 255, *stats)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                correct += (model(x).argmax(1) == data.test_y[i:i + 1024]).sum().item()
+    return correct / len(data.test_x)
 
 
 # ============================================================================================

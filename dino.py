@@ -13,12 +13,12 @@ teacher's output keep it from collapsing, and they pull in opposite directions:
                  (alone, this would push towards one prototype for every image)
 
 The lecture's pieces:
-    1. multi-crop          2 global crops at full size + M local crops  (common.multicrop_augments)
+    1. multi-crop          2 global crops at full size + M local crops      (dino_augments)
     2. student g_s         ViT-Tiny/4 + DINO head (MLP, L2-normalised bottleneck, weight-normalised
                            last layer to K outputs), P_s = softmax(g_s(x) / T_s)
     3. teacher g_t         the same, theta_t <- m theta_t + (1 - m) theta_s, m from 0.996 to 1
     4. loss                sum over pairs of H(P_t(global j), P_s(crop i)), i != j   (dino_loss)
-    5. attention maps      the last block's [CLS] attention, per head: attention.png
+    5. attention maps      the last block's [CLS] attention, per head: attention.png (last_attention)
 
 Notation: B batch, K prototypes (head outputs), S student crops (2 + M), L patches.
 
@@ -42,10 +42,15 @@ import common
 
 # ============================================================================================
 # Configuration
-# Defaults follow the paper's ViT recipe (AdamW 5e-4 per 256 images, weight decay 0.04 ->
-# 0.4, teacher momentum 0.996, temperatures 0.1 / 0.04 -> 0.07, centre momentum 0.9,
-# gradient clipping at 3) with CIFAR-sized crops and head (4096 prototypes, 6 local crops of 16 px).
+# Defaults follow the paper's ViT recipe (the official code's main_dino.py with its README's
+# ViT-S command: AdamW 5e-4 per 256 images, default betas, weight decay 0.04 -> 0.4, 10 warmup
+# epochs, teacher momentum 0.996 -> 1, temperatures 0.1 / 0.04 -> 0.07 over 30 epochs, centre
+# momentum 0.9, per-tensor gradient clipping at 3, drop path 0.1, 300 epochs) with
+# CIFAR-sized crops and head (4096 prototypes, 6 local crops of half the image side).
 # ============================================================================================
+
+RECIPE_EPOCHS = 300             # the length of the cited recipe; shorter runs scale its schedules
+
 
 def make_parser():
     p = argparse.ArgumentParser(description="DINO self-supervised pretraining.")
@@ -57,30 +62,58 @@ def make_parser():
                    help="base learning rate per 256 images (scaled linearly with --batch-size)")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
                    help="AdamW for ViTs, as in the paper")
-    g.add_argument("--weight-decay", type=float, default=0.04, help="weight decay at the start ...")
-    g.add_argument("--weight-decay-end", type=float, default=0.4, help="... rising to this on a cosine")
-    g.add_argument("--warmup-epochs", type=common.nonneg_int, default=10, help="linear LR warmup")
-    g.add_argument("--momentum", type=float, default=0.996,
+    g.add_argument("--weight-decay", type=common.nonneg_float, default=0.04, help="weight decay at the start ...")
+    g.add_argument("--weight-decay-end", type=common.nonneg_float, default=0.4,
+                   help="... rising to this on a cosine")
+    g.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
+                   help="linear LR warmup, in epochs (default: the recipe's 10 of 300, the same fraction "
+                        "of a shorter run)")
+    g.add_argument("--momentum", type=common.ema_momentum, default=0.996,
                    help="the teacher's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine")
     g.add_argument("--student-temp", type=common.positive_float, default=0.1, help="T_s")
     g.add_argument("--teacher-temp", type=common.positive_float, default=0.07,
                    help="T_t after warmup; lower is sharper")
     g.add_argument("--warmup-teacher-temp", type=common.positive_float, default=0.04,
                    help="T_t at step 0: a very sharp teacher early on keeps the start from collapsing")
-    g.add_argument("--warmup-teacher-temp-epochs", type=common.nonneg_int, default=30,
-                   help="epochs of linear rise from --warmup-teacher-temp to --teacher-temp")
-    g.add_argument("--center-momentum", type=float, default=0.9, help="EMA momentum of the centre c")
+    g.add_argument("--warmup-teacher-temp-epochs", type=common.nonneg_float, default=None,
+                   help="epochs of linear rise from --warmup-teacher-temp to --teacher-temp (default: "
+                        "the recipe's 30 of 300, the same fraction of a shorter run)")
+    g.add_argument("--center-momentum", type=common.ema_momentum, default=0.9, help="EMA momentum of the centre c")
     g.add_argument("--local-crops", type=common.nonneg_int, default=6,
-                   help="M small crops per image, seen by the student only")
+                   help="M small crops per image, seen by the student only (the paper's 8 at ImageNet "
+                        "size; fewer here, as each costs a forward and backward pass)")
     g.add_argument("--local-size", type=common.positive_int, default=None,
-                   help="side of a local crop in pixels (default: half of --image-size, 16 at 32 px)")
-    g.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm (0: no clipping)")
-    g.add_argument("--freeze-last-layer", type=common.nonneg_int, default=1,
-                   help="epochs during which the head's last layer is not updated (stabilises the start)")
+                   help="side of a local crop in pixels (default: half of --image-size, 16 at 32 px; the "
+                        "paper's 96 of 224)")
+    g.add_argument("--clip-grad", type=common.nonneg_float, default=3.0,
+                   help="max gradient norm of each parameter tensor (0: no clipping)")
+    g.add_argument("--drop-path", type=common.nonneg_float, default=0.1,
+                   help="stochastic depth of the student ViT (the teacher has none)")
+    g.add_argument("--freeze-last-layer", type=common.nonneg_float, default=None,
+                   help="epochs during which the head's last layer is not updated, which stabilises the start "
+                        "(default: the recipe's 1 of 300, the same fraction of a shorter run)")
     g.add_argument("--head-hidden", type=common.positive_int, default=2048, help="head MLP width")
     g.add_argument("--head-bottleneck", type=common.positive_int, default=256, help="L2-normalised bottleneck")
-    g.add_argument("--out-dim", type=common.positive_int, default=4096, help="K, prototypes")
+    g.add_argument("--out-dim", type=common.positive_int, default=4096,
+                   help="K, prototypes (the paper's 65536 is for ImageNet's 1000 classes)")
     return p
+
+
+# ============================================================================================
+# Augmentation: multi-crop
+# ============================================================================================
+
+def dino_augments(stats, size, local_size, local_crops):
+    """The paper's DataAugmentationDINO. Both global views: crops of 40-100% of the area
+    (14-100% when there are no local crops, as its README advises), flip, colour jitter
+    0.4, 0.4, 0.2, 0.1 with p 0.8, grayscale p 0.2; blur p 1.0 on the first, p 0.1 and
+    solarisation p 0.2 on the second. Local views: crops of 5-40% at local_size, blur p 0.5."""
+    view = lambda crop_size, scale, blur_p, solarize_p=0.0: common.Augment(
+        crop_size, scale=scale, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=blur_p,
+        solarize_p=solarize_p, mean=stats[0], std=stats[1])
+    global_scale = (0.4, 1.0) if local_crops else (0.14, 1.0)
+    return (view(size, global_scale, 1.0), view(size, global_scale, 0.1, 0.2),
+            view(local_size, (0.05, 0.4), 0.5))
 
 
 # ============================================================================================
@@ -89,8 +122,9 @@ def make_parser():
 
 class DINOHead(nn.Module):
     """MLP -> L2-normalised bottleneck -> weight-normalised linear layer to K logits. With the
-    rows of the last weight normalised (the weight norm's gain fixed at 1), every logit is a
-    cosine similarity between the bottleneck and one prototype."""
+    rows of the last weight normalised (the weight norm's gain fixed at 1, the paper's
+    norm_last_layer, the stable choice its README gives for small batches), every logit is
+    a cosine similarity between the bottleneck and one prototype."""
 
     def __init__(self, in_dim, hidden, bottleneck, out_dim):
         super().__init__()
@@ -113,6 +147,10 @@ class DINO(nn.Module):
         self.student = nn.Sequential(backbone, DINOHead(backbone.dim, hidden, bottleneck, out_dim))
         # The teacher starts as a copy and moves only through ema_update: no optimizer sees it.
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        if isinstance(backbone, common.ViT):
+            self.teacher[0].set_drop_path(0.0)                 # stochastic depth is the student's alone
+        # The centre c (K,): a buffer, so that state_dict (and every checkpoint) carries it.
+        self.register_buffer("center", torch.zeros(out_dim))
 
     def forward(self, global_crops, local_crops=None):
         """global_crops (2B, 3, H, W), local_crops (MB, 3, h, w) or None, each crop-major
@@ -138,13 +176,15 @@ def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp):
         P_s = softmax(g_s / T_s)
         L   = mean over pairs (j teacher, i student, i != j) of  mean_b  H(P_t[j, b], P_s[i, b])
 
-    with H(p, q) = -sum_k p_k log q_k, the cross-entropy."""
+    with H(p, q) = -sum_k p_k log q_k, the cross-entropy. In fp32 with autocast off: at
+    T_t = 0.04 a bf16 logit is off by up to 0.05 after the division."""
     S = student_out.shape[0]
-    p_t = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1).detach()   # (2, B, K)
-    log_p_s = F.log_softmax(student_out.float() / student_temp, dim=-1)               # (S, B, K)
-    ce = -torch.einsum("jbk,ibk->jib", p_t, log_p_s).mean(-1)  # (2, S): H averaged over the batch
-    same_view = torch.eye(2, S, dtype=torch.bool, device=ce.device)   # teacher j vs student j
-    return ce[~same_view].mean()
+    with torch.autocast(student_out.device.type, enabled=False):
+        p_t = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1).detach()   # (2, B, K)
+        log_p_s = F.log_softmax(student_out.float() / student_temp, dim=-1)               # (S, B, K)
+        ce = -torch.einsum("jbk,ibk->jib", p_t, log_p_s).mean(-1)   # (2, S): H averaged over the batch
+        same_view = torch.eye(2, S, dtype=torch.bool, device=ce.device)   # teacher j vs student j
+        return ce[~same_view].mean()
 
 
 @torch.no_grad()
@@ -158,34 +198,53 @@ def teacher_temperature(step, warmup_steps, start, end):
     return end if step >= warmup_steps else start + (end - start) * step / warmup_steps
 
 
+@torch.no_grad()
+def clip_gradients(params, max_norm):
+    """The paper's clipping: each tensor's gradient rescaled, on its own, to a norm of at
+    most max_norm (not one norm over all of them). All tensors at once, on the device."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(grads, [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms])
+
+
 # ============================================================================================
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, global_crops, local_crops, center, teacher_temp, momentum, args, run,
+def train_step(model, optimizer, global_crops, local_crops, teacher_temp, momentum, args, run,
                freeze_last_layer=False):
-    """Returns the loss, the student's global logits (for the collapse monitor) and the new
-    centre. The teacher follows the student after the step."""
+    """Returns the loss and the student's global logits (for the collapse monitor). The
+    teacher and the centre follow the student after the step."""
     B = global_crops.shape[0] // 2
     with run.autocast():
         s, t = model(global_crops, local_crops)                # (S*B, K), (2B, K)
         s = s.view(-1, B, s.shape[-1])                         # (S, B, K)
         t = t.view(2, B, t.shape[-1])                          # (2, B, K)
-        loss = dino_loss(s, t, center, args.student_temp, teacher_temp)
+        loss = dino_loss(s, t, model.center, args.student_temp, teacher_temp)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if args.clip_grad:
-        nn.utils.clip_grad_norm_(model.student.parameters(), args.clip_grad)   # on the device, no sync
+        clip_gradients(model.student.parameters(), args.clip_grad)
     if freeze_last_layer:
         model.student[1].prototypes.grad = None                # the optimizer skips it this step
     optimizer.step()
     common.ema_update(model.teacher, model.student, momentum)
-    return loss, s[0], update_center(center, t, args.center_momentum)
+    model.center.copy_(update_center(model.center, t, args.center_momentum))
+    return loss, s[0]
 
 
 # ============================================================================================
 # Pictures
 # ============================================================================================
+
+@torch.no_grad()
+def last_attention(vit, x):
+    """Attention weights of the ViT's last block, (B, heads, 1 + L, 1 + L); rows sum to 1."""
+    h = vit.embed(x)
+    for blk in vit.blocks[:-1]:
+        h = blk(h)
+    return vit.blocks[-1](h, return_attention=True)[1]
+
 
 @torch.no_grad()
 def save_attention(vit, images, stats, path):
@@ -195,7 +254,7 @@ def save_attention(vit, images, stats, path):
     was_training = vit.training
     vit.eval()
     x = common.normalize_images(images.float() / 255, *stats)
-    attn = vit.last_attention(x)[:, :, 0, 1:].float()         # (n, heads, L): [CLS] -> each patch
+    attn = last_attention(vit, x)[:, :, 0, 1:].float()         # (n, heads, L): [CLS] -> each patch
     n, heads, L = attn.shape
     g, S = math.isqrt(L), images.shape[-1]
     maps = attn.reshape(n * heads, 1, g, g)
@@ -217,25 +276,29 @@ def save_attention(vit, images, stats, path):
 def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
-    for name in ("momentum", "center_momentum"):
-        if not 0 <= getattr(args, name) < 1:
-            raise common.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be in [0, 1).")
-    args.local_size = args.local_size or max(1, args.image_size // 2)
-    if args.arch.startswith("vit") and args.local_crops and args.local_size % args.patch_size:
-        raise common.UserError(f"--local-size {args.local_size} is not a multiple of --patch-size {args.patch_size}.")
+    local_size = args.local_size or max(1, args.image_size // 2)
+    if args.local_crops and local_size > args.image_size:
+        parser.error(f"--local-size {local_size} is larger than --image-size {args.image_size}: a local crop "
+                     f"is a small part of the image")
+    if args.arch.startswith("vit") and args.local_crops and local_size % args.patch_size:
+        parser.error(f"--local-size {local_size} is not a multiple of --patch-size {args.patch_size}")
     run = common.Run(args, "dino", parser)
 
-    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
+    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size,
+                                     drop_path=args.drop_path)
     model = run.prepare(DINO(backbone, args.head_hidden, args.head_bottleneck, args.out_dim))
     base_lr = args.lr * args.batch_size / 256
-    optimizer = common.make_optimizer(model, args.optimizer, base_lr, args.weight_decay)
+    optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)
+    # Schedules keep the recipe's length in epochs, or shrink with a shorter run.
+    scaled = lambda flag, recipe: common.scaled_epochs(recipe, RECIPE_EPOCHS, args.epochs) if flag is None else flag
+    warmup_steps = round(scaled(args.warmup_epochs, 10) * run.steps_per_epoch)
+    warmup_temp_steps = round(scaled(args.warmup_teacher_temp_epochs, 30) * run.steps_per_epoch)
+    frozen_steps = round(scaled(args.freeze_last_layer, 1) * run.steps_per_epoch)
     teacher_backbone = model.teacher[0]                        # evaluated and exported: the better of the two
-    extra = run.start(model, optimizer, teacher_backbone)
-    center = extra.get("center", torch.zeros(args.out_dim)).to(run.device)   # (K,)
-    global1, global2, local = common.multicrop_augments(run.stats, run.data.image_size, args.local_size)
+    run.start(model, optimizer, teacher_backbone)
+    global1, global2, local = dino_augments(run.stats, run.data.image_size, local_size, args.local_crops)
     run.save_views([global1, global2, local])
     forward = run.compiled(model)
-    warmup_temp_steps = args.warmup_teacher_temp_epochs * run.steps_per_epoch
 
     def crops(x):                                              # x: (B, 3, H, W) uint8
         g = torch.cat([global1(x), global2(x)])                # (2B, 3, H, W)
@@ -244,8 +307,7 @@ def main(argv=None):
 
     for epoch in range(run.start_epoch, args.epochs):
         for step, x in run.batches(epoch):                     # x: (B, 3, H, W) uint8
-            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps,
-                                                      args.warmup_epochs * run.steps_per_epoch, base_lr))
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup_steps, base_lr, final=1e-6))
             wd = args.weight_decay_end - (args.weight_decay_end - args.weight_decay) * \
                 (1 + math.cos(math.pi * step / run.total_steps)) / 2
             for group in optimizer.param_groups:
@@ -254,17 +316,16 @@ def main(argv=None):
             temp = teacher_temperature(step, warmup_temp_steps, args.warmup_teacher_temp, args.teacher_temp)
             momentum = common.cosine_momentum(step, run.total_steps, args.momentum)
             g, loc = crops(x)
-            loss, z, center = train_step(forward, optimizer, g, loc, center, temp, momentum, args, run,
-                                         freeze_last_layer=epoch < args.freeze_last_layer)
+            loss, z = train_step(forward, optimizer, g, loc, temp, momentum, args, run,
+                                 freeze_last_layer=step < frozen_steps)
             run.log_step(loss, z)
-        run.end_epoch(epoch, {"center": center})
+        run.end_epoch(epoch)
 
     if isinstance(teacher_backbone, common.ViT):
         src = run.data.test_x if run.data.test_x is not None else run.data.train_x
         save_attention(teacher_backbone, src[:8], run.stats, run.out / "attention.png")
     g, loc = crops(run.data.train_x[:args.batch_size])
-    run.finish(bench_step=lambda: train_step(forward, optimizer, g, loc, center, args.teacher_temp,
-                                             args.momentum, args, run))
+    run.finish(bench_step=lambda: train_step(forward, optimizer, g, loc, args.teacher_temp, args.momentum, args, run))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ Result: CIFAR-10 on a GPU not yet measured (no GPU was available to the session 
 
 import argparse
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -41,9 +42,13 @@ import common
 
 # ============================================================================================
 # Configuration
-# Defaults follow the paper's pretraining recipe (AdamW 1.5e-4 per 256 images, betas 0.9/0.95,
-# weight decay 0.05, 75% masking, normalised-pixel targets) with a CIFAR-sized decoder.
+# Defaults follow the paper's pretraining recipe (Sec. A.1 and the official main_pretrain.py:
+# AdamW 1.5e-4 per 256 images, betas 0.9/0.95, weight decay 0.05, 800 epochs with 40 of
+# warmup, 75% masking, normalised-pixel targets, fixed sine-cosine positions, xavier init)
+# with a CIFAR-sized decoder, and its fine-tuning recipe for the evaluation.
 # ============================================================================================
+
+RECIPE_EPOCHS = 800             # the length of the cited recipe; shorter runs scale its schedules
 
 def make_parser():
     p = argparse.ArgumentParser(description="MAE self-supervised pretraining.")
@@ -53,8 +58,11 @@ def make_parser():
     g.add_argument("--batch-size", type=common.positive_int, default=512, help="images per step")
     g.add_argument("--lr", type=common.positive_float, default=1.5e-4,
                    help="base learning rate per 256 images (scaled linearly with --batch-size)")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on weight matrices")
-    g.add_argument("--warmup-epochs", type=common.nonneg_int, default=10, help="linear LR warmup")
+    g.add_argument("--weight-decay", type=common.nonneg_float, default=0.05,
+                   help="AdamW weight decay on weight matrices")
+    g.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
+                   help="linear LR warmup, in epochs (default: the recipe's 40 of 800, the same fraction "
+                        "of a shorter run)")
     g.add_argument("--mask-ratio", type=float, default=0.75,
                    help="fraction of patches hidden, in (0, 1); the paper's sweet spot is 0.75")
     g.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
@@ -66,7 +74,8 @@ def make_parser():
     g.add_argument("--finetune-epochs", type=common.nonneg_int, default=100,
                    help="after pretraining, fine-tune the encoder and a from-scratch ViT for this many "
                         "epochs each (0: skip)")
-    g.add_argument("--finetune-lr", type=common.positive_float, default=1e-3, help="fine-tuning AdamW lr")
+    g.add_argument("--finetune-lr", type=common.positive_float, default=1e-3,
+                   help="fine-tuning AdamW learning rate per 256 images (the paper's base rate)")
     p.set_defaults(linear_probe=True)                          # part of MAE's story: on by default
     return p
 
@@ -114,18 +123,52 @@ def random_masking(x, mask_ratio):
     return x_kept, mask, ids_restore
 
 
+def sincos_positions(dim, grid):
+    """Fixed 2-D sine-cosine positional embeddings (1, 1 + grid*grid, dim), [CLS] first (all
+    zeros), patches in row-major order. The first half of the channels encodes a patch's
+    column, the second half its row; each half is sin(c w_k) then cos(c w_k) for the
+    coordinate c and dim/4 frequencies w_k = 1 / 10000^(k / (dim/4)). Nothing to learn: the
+    paper finds them as good as learned ones, and they cost no parameters."""
+    n = dim // 4
+    freqs = 1.0 / 10000 ** (torch.arange(n, dtype=torch.float64) / n)   # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")   # (g, g) each
+
+    def encode(coord):                                         # (g, g) -> (g*g, dim/2)
+        angle = coord.flatten().double()[:, None] * freqs[None]
+        return torch.cat([angle.sin(), angle.cos()], 1)
+    emb = torch.cat([encode(cols), encode(rows)], 1).float()   # (L, dim)
+    return torch.cat([torch.zeros(1, dim), emb]).unsqueeze(0)  # (1, 1 + L, dim)
+
+
+def init_weights(model):
+    """MAE's initialisation: xavier-uniform for every Linear and for the patch embedding seen
+    as a Linear (following the JAX ViT), zero biases, normal(0.02) for the tokens."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    w = model.encoder.patch_embed.weight                       # (D, 3, p, p)
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.normal_(model.encoder.cls_token, std=0.02)
+    nn.init.normal_(model.mask_token, std=0.02)
+
+
 class MAE(nn.Module):
     def __init__(self, encoder, decoder_dim, decoder_depth, decoder_heads):
         super().__init__()
         self.encoder = encoder                                 # common.ViT
         p, L = encoder.patch_size, encoder.num_patches
+        grid = math.isqrt(L)
+        # The encoder's positions become fixed sine-cosine ones: kept as its (frozen) parameter,
+        # as in the paper's code, so the encoder loads into a plain ViT for fine-tuning.
+        encoder.pos_embed.requires_grad_(False).copy_(sincos_positions(encoder.dim, grid))
         self.decoder_embed = nn.Linear(encoder.dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))   # one learned vector for every hole
-        self.decoder_pos = nn.Parameter(torch.randn(1, 1 + L, decoder_dim) * 0.02)
+        self.register_buffer("decoder_pos", sincos_positions(decoder_dim, grid))   # (1, 1 + L, Dd), fixed
         self.decoder_blocks = nn.ModuleList(common.Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
-        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, p * p * 3)   # pixels of one patch
-        nn.init.normal_(self.mask_token, std=0.02)
+        init_weights(self)
 
     @property
     def backbone(self):
@@ -178,9 +221,10 @@ def mae_loss(pred, target, mask):
         L = sum_{b,l} mask[b,l] * mean_j (pred[b,l,j] - target[b,l,j])^2  /  sum_{b,l} mask[b,l]
 
     pred, target (B, L, p*p*3); mask (B, L), 1 = masked. Visible patches do not count: copying
-    what the encoder saw would be no task at all."""
-    per_patch = ((pred.float() - target) ** 2).mean(-1)       # (B, L)
-    return (per_patch * mask).sum() / mask.sum()
+    what the encoder saw would be no task at all. In fp32 with autocast off."""
+    with torch.autocast(pred.device.type, enabled=False):
+        per_patch = ((pred.float() - target.float()) ** 2).mean(-1)   # (B, L)
+        return (per_patch * mask).sum() / mask.sum()
 
 
 # ============================================================================================
@@ -236,28 +280,36 @@ def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
     if not 0 < args.mask_ratio < 1:
-        raise common.UserError(f"--mask-ratio {args.mask_ratio}: must be in (0, 1).")
+        parser.error(f"--mask-ratio {args.mask_ratio}: must be in (0, 1)")
     if not args.arch.startswith("vit"):
-        raise common.UserError(f"--arch {args.arch}: MAE needs a ViT (vit_tiny or vit_small); a ResNet "
-                               f"cannot skip the masked patches.")
-    run = common.Run(args, "mae", parser)
-    L = (run.data.image_size // args.patch_size) ** 2
+        parser.error(f"--arch {args.arch}: MAE needs a ViT (vit_tiny or vit_small); a ResNet cannot skip the "
+                     f"masked patches")
+    if args.image_size % args.patch_size:
+        parser.error(f"--patch-size {args.patch_size} does not divide --image-size {args.image_size}")
+    L = (args.image_size // args.patch_size) ** 2
     if int(L * (1 - args.mask_ratio)) < 1:
-        raise common.UserError(f"--mask-ratio {args.mask_ratio} leaves no visible patch out of {L}.")
+        parser.error(f"--mask-ratio {args.mask_ratio} leaves no visible patch out of the {L} patches of a "
+                     f"{args.image_size} px image cut into {args.patch_size} px patches")
+    run = common.Run(args, "mae", parser)
 
     encoder = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
     model = run.prepare(MAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads))
     base_lr = args.lr * args.batch_size / 256
-    optimizer = common.make_optimizer(model, "adamw", base_lr, args.weight_decay)
+    # Tokens get no weight decay (timm's no_weight_decay list); the fixed positions are not trained at all.
+    groups = common.param_groups(model, args.weight_decay, no_decay=("cls_token", "mask_token"))
+    optimizer = common.make_optimizer(groups, "adamw", base_lr, betas=(0.9, 0.95))
+    warmup = common.scaled_epochs(40, RECIPE_EPOCHS, args.epochs) if args.warmup_epochs is None else args.warmup_epochs
     run.start(model, optimizer, model.encoder)
-    augment = common.mae_augment(run.stats, run.data.image_size)
+    # Crops of 20-100% of the area (bicubic) and flips, nothing else: the masking is the hard part.
+    augment = common.Augment(run.data.image_size, scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0,
+                             mean=run.stats[0], std=run.stats[1])
     run.save_views([augment])
     forward = run.compiled(model)
 
     for epoch in range(run.start_epoch, args.epochs):
         for step, x in run.batches(epoch):                     # x: (B, 3, H, W) uint8
-            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps,
-                                                      args.warmup_epochs * run.steps_per_epoch, base_lr))
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, round(warmup * run.steps_per_epoch),
+                                                      base_lr))
             loss, z = train_step(forward, optimizer, augment(x), args, run)
             run.log_step(loss, z)
         run.end_epoch(epoch)

@@ -4,7 +4,7 @@ The idea (Chen et al. 2020, arXiv 2002.05709): augment every image twice, encode
 and train the encoder so that the two views of one image are closer to each other than to
 the views of every other image in the batch. The lecture's four components:
 
-    1. data augmentation   random crop + flip + colour jitter + grayscale  (common.simclr_augment)
+    1. data augmentation   crop + flip + colour jitter + grayscale + blur  (simclr_augment)
     2. encoder f           ResNet-18 with the small-image stem, h = f(x)   (common.build_backbone)
     3. projection head g   MLP, z = g(h); the loss is applied to z, kNN uses h
     4. contrastive loss    NT-Xent / InfoNCE with temperature tau, eq. (1)  (info_nce below)
@@ -28,9 +28,12 @@ import common
 
 # ============================================================================================
 # Configuration
-# Defaults follow solo-learn's CIFAR-10 SimCLR recipe (LARS, temperature 0.2, a 2048-wide
-# projector) scaled to batch 512.
+# Defaults follow solo-learn's CIFAR-10 SimCLR recipe (scripts/pretrain/cifar/simclr.yaml and
+# augmentations/symmetric.yaml: LARS 0.4 per 256 images, temperature 0.2, a 2048-wide
+# projector, 1000 epochs with 10 of warmup), run at batch 512 for 200 epochs.
 # ============================================================================================
+
+RECIPE_EPOCHS = 1000            # the length of the cited recipe; shorter runs scale its schedules
 
 def make_parser():
     p = argparse.ArgumentParser(description="SimCLR self-supervised pretraining.")
@@ -43,20 +46,43 @@ def make_parser():
                    help="base learning rate per 256 images (scaled linearly with --batch-size)")
     g.add_argument("--optimizer", default="lars", choices=["lars", "sgd"],
                    help="LARS keeps large-batch contrastive training stable")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty on weight matrices")
-    g.add_argument("--warmup-epochs", type=common.nonneg_int, default=10,
-                   help="linear LR warmup; the large LARS LR diverges without it")
+    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4, help="L2 penalty on weight matrices")
+    g.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
+                   help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
+                        "of a shorter run); the large LARS LR diverges without it")
     g.add_argument("--temperature", type=common.positive_float, default=0.2,
                    help="tau in the softmax; smaller weights the hardest negatives more")
-    g.add_argument("--min-scale", type=common.positive_float, default=0.08,
+    g.add_argument("--min-scale", type=common.fraction, default=0.08,
                    help="smallest crop as a fraction of the image area (the paper's 0.08; raise it for "
                         "tiny images, where an 8%% crop is a few pixels)")
-    g.add_argument("--drop-aug", action="append", default=[], choices=common.AUGMENT_PARTS, metavar="PART",
+    g.add_argument("--drop-aug", action="append", default=[], choices=AUGMENT_PARTS, metavar="PART",
                    help="switch one part of the augmentation off, for ablations (repeatable): "
-                        + ", ".join(common.AUGMENT_PARTS))
+                        + ", ".join(AUGMENT_PARTS))
     g.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width")
     g.add_argument("--proj-dim", type=common.positive_int, default=256, help="dimension of z")
     return p
+
+
+# ============================================================================================
+# Augmentation: both views from the same distribution
+# ============================================================================================
+
+AUGMENT_PARTS = ("crop", "flip", "jitter", "gray", "blur")
+
+
+def simclr_augment(stats, size, min_scale=0.08, drop=()):
+    """solo-learn's symmetric.yaml: crops of 8-100% of the area, flip, strong colour jitter
+    (0.8, 0.8, 0.8, 0.2 with p 0.8), grayscale p 0.2, blur p 0.5. `drop` switches parts off,
+    for an ablation like the SimCLR paper's study of augmentations (its Figure 5)."""
+    aug = common.Augment(size, scale=(min_scale, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2,
+                         blur_p=0.5, mean=stats[0], std=stats[1])
+    if "crop" in drop:
+        aug.scale, aug.ratio = (1.0, 1.0), (1.0, 1.0)          # each view is the whole image
+    aug.flip_p = 0.0 if "flip" in drop else aug.flip_p
+    aug.jitter_p = 0.0 if "jitter" in drop else aug.jitter_p
+    aug.gray_p = 0.0 if "gray" in drop else aug.gray_p
+    aug.blur_p = 0.0 if "blur" in drop else aug.blur_p
+    return aug
 
 
 # ============================================================================================
@@ -84,14 +110,16 @@ def info_nce(z1, z2, temperature):
 
     with sim the cosine similarity, j the other view of i's image, k over the 2N-1 views
     other than i itself. Returned: the mean of l over all 2N anchors, written as a
-    cross-entropy whose "class" is the index of the positive among the 2N-1 candidates."""
+    cross-entropy whose "class" is the index of the positive among the 2N-1 candidates.
+    Computed in fp32 with autocast off: a bf16 matmul divided by tau is not this formula."""
     N = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)       # (2N, D) on the unit sphere
-    logits = z @ z.T / temperature                             # (2N, 2N)
-    self_mask = torch.eye(2 * N, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))      # a view is not its own candidate
-    positive = (torch.arange(2 * N, device=z.device) + N) % (2 * N)   # (2N,): i's other view
-    return F.cross_entropy(logits, positive)
+    with torch.autocast(z1.device.type, enabled=False):
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)   # (2N, D) on the unit sphere
+        logits = z @ z.T / temperature                         # (2N, 2N)
+        self_mask = torch.eye(2 * N, dtype=torch.bool, device=z.device)
+        logits = logits.masked_fill(self_mask, float("-inf"))  # a view is not its own candidate
+        positive = (torch.arange(2 * N, device=z.device) + N) % (2 * N)   # (2N,): i's other view
+        return F.cross_entropy(logits, positive)
 
 
 # ============================================================================================
@@ -100,7 +128,8 @@ def info_nce(z1, z2, temperature):
 
 def train_step(model, optimizer, x1, x2, temperature, run):
     """Both views in one forward pass: one large batch keeps the GPU busy, and BatchNorm
-    sees the statistics of both views together, as in the paper."""
+    sees the statistics of both views together, as in the paper's code (solo-learn encodes
+    the views one at a time)."""
     with run.autocast():
         z = model(torch.cat([x1, x2]))                         # (2N, D)
         z1, z2 = z.chunk(2)                                    # (N, D) each
@@ -123,16 +152,17 @@ def main(argv=None):
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
     model = run.prepare(SimCLR(backbone, args.proj_hidden, args.proj_dim))
     base_lr = args.lr * args.batch_size / 256
-    optimizer = common.make_optimizer(model, args.optimizer, base_lr, args.weight_decay)
+    optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)
+    warmup = common.scaled_epochs(10, RECIPE_EPOCHS, args.epochs) if args.warmup_epochs is None else args.warmup_epochs
     run.start(model, optimizer, model.backbone)
-    augment = common.simclr_augment(run.stats, run.data.image_size, args.min_scale, args.drop_aug)
+    augment = simclr_augment(run.stats, run.data.image_size, args.min_scale, args.drop_aug)
     run.save_views([augment])
     forward = run.compiled(model)
 
     for epoch in range(run.start_epoch, args.epochs):
         for step, x in run.batches(epoch):                     # x: (B, 3, H, W) uint8
-            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps,
-                                                      args.warmup_epochs * run.steps_per_epoch, base_lr))
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, round(warmup * run.steps_per_epoch),
+                                                      base_lr))
             x1, x2 = augment(x), augment(x)                    # (B, 3, H, W) fp32 each
             loss, z = train_step(forward, optimizer, x1, x2, args.temperature, run)
             run.log_step(loss, z)

@@ -7,7 +7,7 @@ paper's finding, the lecture's point: the stop-gradient alone prevents collapse.
 (`--no-stop-grad`) and the embeddings fall to one point within a few epochs; the collapse
 monitor (std of the L2-normalised z, about 1/sqrt(D) when healthy) drops toward 0.
 
-    1. data augmentation   two views, as SimCLR                         (common.simclr_augment)
+    1. data augmentation   two views, SimCLR's recipe with weaker colour jitter (simsiam_augment)
     2. encoder f           ResNet-18 + 3-layer projector ending in BN:  z = f(x)
     3. predictor h         bottleneck MLP D -> D/4 -> D:  p = h(z)
     4. loss                D(p1, z2)/2 + D(p2, z1)/2, D(p, z) = -cos(p, stopgrad(z)), eq. (3)-(4)
@@ -33,9 +33,13 @@ import common
 
 # ============================================================================================
 # Configuration
-# Defaults follow solo-learn's CIFAR-10 SimSiam recipe (SGD 0.5 per 256 images, weight decay
-# 1e-5, projector 2048 wide, predictor bottleneck 512) at batch 512.
+# Defaults follow solo-learn's CIFAR-10 SimSiam recipe (scripts/pretrain/cifar/simsiam.yaml and
+# augmentations/symmetric_weak.yaml: SGD 0.5 per 256 images, weight decay 1e-5, projector
+# 2048 wide, predictor bottleneck 512 with a fixed learning rate, 1000 epochs with 10 of
+# warmup), run at batch 512 for 200 epochs.
 # ============================================================================================
+
+RECIPE_EPOCHS = 1000            # the length of the cited recipe; shorter runs scale its schedules
 
 def make_parser():
     p = argparse.ArgumentParser(description="SimSiam self-supervised pretraining.")
@@ -47,14 +51,16 @@ def make_parser():
     g.add_argument("--lr", type=common.positive_float, default=0.5,
                    help="base learning rate per 256 images (scaled linearly with --batch-size)")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"], help="plain SGD, as in the paper")
-    g.add_argument("--weight-decay", type=float, default=1e-5, help="L2 penalty on weight matrices")
-    g.add_argument("--warmup-epochs", type=common.nonneg_int, default=10, help="linear LR warmup")
+    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-5, help="L2 penalty on weight matrices")
+    g.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
+                   help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
+                        "of a shorter run)")
     g.add_argument("--stop-grad", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-stop-grad lets the gradient through z too: the embeddings collapse")
     g.add_argument("--fixed-pred-lr", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the predictor's learning rate at the base value instead of decaying it "
                         "(the paper: h must keep adapting to the latest representation)")
-    g.add_argument("--min-scale", type=common.positive_float, default=0.08,
+    g.add_argument("--min-scale", type=common.fraction, default=0.08,
                    help="smallest crop as a fraction of the image area")
     g.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width")
     g.add_argument("--proj-dim", type=common.positive_int, default=2048, help="dimension of z and p")
@@ -64,15 +70,32 @@ def make_parser():
 
 
 # ============================================================================================
+# Augmentation: both views from the same distribution
+# ============================================================================================
+
+def simsiam_augment(stats, size, min_scale=0.08):
+    """solo-learn's symmetric_weak.yaml (the paper's, from MoCo v2): crops of 8-100% of the
+    area, flip, colour jitter 0.4, 0.4, 0.4, 0.1 with p 0.8, grayscale p 0.2, blur p 0.5."""
+    return common.Augment(size, scale=(min_scale, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
+                          blur_p=0.5, mean=stats[0], std=stats[1])
+
+
+# ============================================================================================
 # Model: encoder f (backbone + projector) and predictor h
 # ============================================================================================
+
+def projector(dim, hidden, out):
+    """SimSiam's 3-layer projector: (Linear-BN-ReLU) x 2, then Linear-BN with no affine
+    parameters, so z is standardised per dimension (the paper's Sec. 4.4)."""
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out, affine=False))
+
 
 class SimSiam(nn.Module):
     def __init__(self, backbone, proj_hidden, proj_dim, pred_hidden):
         super().__init__()
-        # f: the projector ends in a BatchNorm without affine, as in the paper.
-        self.encoder = nn.Sequential(backbone, common.mlp([backbone.dim, proj_hidden, proj_hidden, proj_dim],
-                                                          last_bn=True))
+        self.encoder = nn.Sequential(backbone, projector(backbone.dim, proj_hidden, proj_dim))   # f: x -> z
         self.predictor = common.mlp([proj_dim, pred_hidden, proj_dim])   # h: a bottleneck, no BN at its end
 
     @property
@@ -96,9 +119,10 @@ def simsiam_loss(p, z, stop_grad=True):
 
     p (N, D) predictions of one view, z (N, D) projections of the other. stop_grad=False is
     the ablation of the paper's Figure 2: the loss then pulls z toward p as well, and the
-    easiest way to agree is for everything to collapse to one vector."""
+    easiest way to agree is for everything to collapse to one vector. In fp32, autocast off."""
     z = z.detach() if stop_grad else z
-    return -(F.normalize(p.float(), dim=1) * F.normalize(z.float(), dim=1)).sum(1).mean()
+    with torch.autocast(p.device.type, enabled=False):
+        return -(F.normalize(p.float(), dim=1) * F.normalize(z.float(), dim=1)).sum(1).mean()
 
 
 # ============================================================================================
@@ -106,12 +130,12 @@ def simsiam_loss(p, z, stop_grad=True):
 # ============================================================================================
 
 def train_step(model, optimizer, x1, x2, stop_grad, run):
-    """Both views in one forward pass through the one shared network; the symmetrised loss
+    """Each view through the one shared network in its own forward pass, so BatchNorm
+    normalises each with its own statistics (the paper's code); the symmetrised loss
     L = D(p1, z2)/2 + D(p2, z1)/2 of eq. (4)."""
     with run.autocast():
-        p, z = model(torch.cat([x1, x2]))                      # (2N, D) each
-        p1, p2 = p.chunk(2)                                    # (N, D) each
-        z1, z2 = z.chunk(2)
+        p1, z1 = model(x1)                                     # (N, D) each
+        p2, z2 = model(x2)
         loss = simsiam_loss(p1, z2, stop_grad) / 2 + simsiam_loss(p2, z1, stop_grad) / 2
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -128,24 +152,28 @@ def main(argv=None):
     args = parser.parse_args(argv)
     run = common.Run(args, "simsiam", parser)
 
-    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
+    # Residual branches start at 0 (torchvision's zero_init_residual), as in the paper's code.
+    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size,
+                                     zero_init_residual=True)
     model = run.prepare(SimSiam(backbone, args.proj_hidden, args.proj_dim, args.pred_hidden))
     base_lr = args.lr * args.batch_size / 256
-    # Two parameter groups per module (decay / no decay): groups 2 and 3 are the predictor's.
-    optimizer = common.make_optimizer([(model.encoder, 1.0), (model.predictor, 1.0)], args.optimizer,
-                                      base_lr, args.weight_decay)
+    groups = common.param_groups(model.encoder, args.weight_decay) + \
+        [dict(g, predictor=True) for g in common.param_groups(model.predictor, args.weight_decay)]
+    optimizer = common.make_optimizer(groups, args.optimizer, base_lr)
+    warmup = common.scaled_epochs(10, RECIPE_EPOCHS, args.epochs) if args.warmup_epochs is None else args.warmup_epochs
     run.start(model, optimizer, model.backbone)
-    augment = common.simclr_augment(run.stats, run.data.image_size, args.min_scale)
+    augment = simsiam_augment(run.stats, run.data.image_size, args.min_scale)
     run.save_views([augment])
     forward = run.compiled(model)
 
     for epoch in range(run.start_epoch, args.epochs):
         for step, x in run.batches(epoch):                     # x: (B, 3, H, W) uint8
-            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps,
-                                                      args.warmup_epochs * run.steps_per_epoch, base_lr))
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, round(warmup * run.steps_per_epoch),
+                                                      base_lr))
             if args.fixed_pred_lr:
-                for group in optimizer.param_groups[2:]:
-                    group["lr"] = base_lr
+                for group in optimizer.param_groups:
+                    if group.get("predictor"):
+                        group["lr"] = base_lr
             x1, x2 = augment(x), augment(x)                    # (B, 3, H, W) fp32 each
             loss, z = train_step(forward, optimizer, x1, x2, args.stop_grad, run)
             run.log_step(loss, z)

@@ -38,8 +38,10 @@ import common
 # ============================================================================================
 # Configuration
 # Defaults are the usual CIFAR ResNet recipe: SGD with Nesterov momentum, 0.1 per 256 images,
-# weight decay 5e-4, cosine schedule, mild crops and flips.
+# weight decay 5e-4, 200 epochs with 2 of warmup then a cosine, mild crops and flips.
 # ============================================================================================
+
+RECIPE_EPOCHS = 200             # the length of the recipe; shorter runs scale its warmup
 
 def make_parser():
     p = argparse.ArgumentParser(description="Supervised training with labels: the reference line.")
@@ -50,12 +52,14 @@ def make_parser():
     g.add_argument("--batch-size", type=common.positive_int, default=256, help="images per step")
     g.add_argument("--lr", type=common.positive_float, default=0.1,
                    help="base learning rate per 256 images (scaled linearly with --batch-size)")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty on weight matrices")
-    g.add_argument("--warmup-epochs", type=common.nonneg_int, default=2, help="linear LR warmup")
-    g.add_argument("--label-smoothing", type=float, default=0.0, help="epsilon of label smoothing")
+    g.add_argument("--weight-decay", type=common.nonneg_float, default=5e-4, help="L2 penalty on weight matrices")
+    g.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
+                   help="linear LR warmup, in epochs (default: 2 of the recipe's 200, the same fraction of a "
+                        "shorter run)")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="epsilon of label smoothing, in [0, 1)")
     g.add_argument("--augment", default="crop", choices=["crop", "simclr"],
                    help="crop: crop + flip (supervised practice); simclr: SimCLR's full recipe")
-    g.add_argument("--min-scale", type=common.positive_float, default=0.25,
+    g.add_argument("--min-scale", type=common.fraction, default=0.25,
                    help="smallest crop as a fraction of the image area")
     g.add_argument("--label-fraction", type=float, default=1.0,
                    help="train on this class-balanced fraction of the labels, in (0, 1]")
@@ -86,8 +90,10 @@ def supervised_loss(logits, y, label_smoothing=0.0):
 
         l(i) = -log  exp(s_{i, y_i})  /  sum_c exp(s_{i, c})
 
-    With label smoothing eps the target is (1 - eps) on y_i plus eps / C on every class."""
-    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    With label smoothing eps the target is (1 - eps) on y_i plus eps / C on every class.
+    In fp32 with autocast off."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
 
 
 # ============================================================================================
@@ -120,6 +126,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 0 < args.label_fraction <= 1:
         parser.error(f"--label-fraction {args.label_fraction}: must be in (0, 1]")
+    if not 0 <= args.label_smoothing < 1:
+        parser.error(f"--label-smoothing {args.label_smoothing}: must be in [0, 1)")
     run = common.Run(args, "supervised", parser)
     if not run.data.labeled:
         raise common.UserError(f"--data {args.data}: supervised training needs labels on a train and a test "
@@ -128,12 +136,14 @@ def main(argv=None):
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
     model = run.prepare(Supervised(backbone, len(run.data.classes)))
     base_lr = args.lr * args.batch_size / 256
-    optimizer = common.make_optimizer(model, "sgd", base_lr, args.weight_decay, nesterov=True)
+    optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), "sgd", base_lr, nesterov=True)
+    warmup = common.scaled_epochs(2, RECIPE_EPOCHS, args.epochs) if args.warmup_epochs is None else args.warmup_epochs
     run.start(model, optimizer, model.backbone)
-    if args.augment == "simclr":
-        augment = common.simclr_augment(run.stats, run.data.image_size, args.min_scale)
+    if args.augment == "simclr":                               # simclr.py's recipe, written out
+        augment = common.Augment(run.data.image_size, scale=(args.min_scale, 1.0), jitter=(0.8, 0.8, 0.8, 0.2),
+                                 jitter_p=0.8, gray_p=0.2, blur_p=0.5, mean=run.stats[0], std=run.stats[1])
     else:
-        augment = common.Augment(size=run.data.image_size, scale=(args.min_scale, 1.0), jitter_p=0.0, gray_p=0.0,
+        augment = common.Augment(run.data.image_size, scale=(args.min_scale, 1.0), jitter_p=0.0, gray_p=0.0,
                                  mean=run.stats[0], std=run.stats[1])
     run.save_views([augment])
     pool = common.label_subset(run.data.train_y, args.label_fraction, args.seed).to(run.device)
@@ -143,8 +153,8 @@ def main(argv=None):
 
     for epoch in range(run.start_epoch, args.epochs):
         for step, x, y in run.labeled_batches(epoch, pool):    # x: (B, 3, H, W) uint8, y: (B,)
-            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps,
-                                                      args.warmup_epochs * run.steps_per_epoch, base_lr))
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, round(warmup * run.steps_per_epoch),
+                                                      base_lr))
             loss, h = train_step(forward, optimizer, augment(x), y, args.label_smoothing, run)
             run.log_step(loss, h)
         run.end_epoch(epoch)

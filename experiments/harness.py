@@ -182,7 +182,7 @@ def evaluate(run, fraction, ft_epochs, device="auto", scratch=False):
     if ft_epochs:
         epochs = finetune_epochs(ft_epochs, len(idx), len(data.train_x))
         torch.manual_seed(a["seed"])
-        result["finetune_top1"] = common.fine_tune(backbone, labeled, stats, epochs, warmup_epochs=epochs // 10,
+        result["finetune_top1"] = common.fine_tune(backbone, labeled, stats, epochs,
                                                    name=f"fine-tune {what}")
     cache[key] = result
     tmp = cache_path.with_suffix(".tmp")

@@ -146,31 +146,105 @@ def test_teacher_temperature_schedule():
 
 def test_dino_teacher_gets_no_gradient_multicrop_shapes_and_ema():
     torch.manual_seed(0)
-    vit = common.ViT(image_size=16, patch_size=4, dim=32, depth=2, heads=2)
+    vit = common.ViT(image_size=16, patch_size=4, dim=32, depth=2, heads=2, drop_path=0.1)
     model = dino.DINO(vit, 32, 16, 20)
-    opt = common.make_optimizer(model, "adamw", 1e-3, 0.04)
+    assert all(b.drop == 0 for b in model.teacher[0].blocks) and model.student[0].blocks[-1].drop == 0.1
+    opt = common.make_optimizer(common.param_groups(model, 0.04), "adamw", 1e-3)
     args = dino.make_parser().parse_args([])
     g, loc = torch.randn(2 * 3, 3, 16, 16), torch.randn(4 * 3, 3, 8, 8)    # 2 global + 4 local crops of 3 images
     s, t = model(g, loc)
     assert s.shape == (6 * 3, 20) and t.shape == (2 * 3, 20) and not t.requires_grad
 
     t_before = [p.detach().clone() for p in model.teacher.parameters()]
-    loss, z, center = dino.train_step(model, opt, g, loc, torch.zeros(20), 0.04, 0.9, args, NoAutocast())
-    assert torch.isfinite(loss) and z.shape == (3, 20) and center.shape == (20,)
+    model.teacher.eval()                                       # no drop path: the teacher's output is fixed
+    with torch.no_grad():
+        t_out = model.teacher(g).view(2, 3, 20)
+    model.teacher.train()
+    loss, z = dino.train_step(model, opt, g, loc, 0.04, 0.9, args, NoAutocast())
+    assert torch.isfinite(loss) and z.shape == (3, 20)
     for p, tb, sp in zip(model.teacher.parameters(), t_before, model.student.parameters()):
         assert p.grad is None and not p.requires_grad
         assert torch.allclose(p, 0.9 * tb + 0.1 * sp.detach(), atol=1e-6)
+    assert torch.allclose(model.center, 0.1 * t_out.mean((0, 1)), atol=1e-5)   # c <- 0.9 * 0 + 0.1 * mean
+    assert "center" in model.state_dict()                      # checkpoints carry it
 
 
-def test_dino_head_logits_are_cosines():
+def test_dino_head_logits_are_cosines_with_unit_prototypes():
+    """Each logit is the cosine between the bottleneck and one prototype: rescaling a
+    prototype's row changes nothing, and the values equal cosines computed one by one."""
+    torch.manual_seed(0)
     head = dino.DINOHead(8, 16, 4, 10)
-    out = head(torch.randn(5, 8))
-    assert out.shape == (5, 10) and out.abs().max() <= 1 + 1e-5
+    h = torch.randn(5, 8)
+    out = head(h)
+    with torch.no_grad():
+        head.prototypes.mul_(torch.rand(10, 1) * 100 + 0.5)    # lengths change, directions do not
+    assert torch.allclose(head(h), out, atol=1e-5)
+    b = head.mlp(h)
+    for i in range(5):
+        for k in range(10):
+            p = head.prototypes[k]
+            assert abs(out[i, k].item() - (b[i] @ p / (b[i].norm() * p.norm())).item()) < 1e-5
+
+
+def test_per_tensor_gradient_clipping():
+    """Each tensor's gradient is rescaled to norm <= max on its own (DINO's clip_gradients),
+    not by one global norm: a small gradient next to a huge one is left as it is."""
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+    a.grad, b.grad = torch.tensor([30.0, 40.0, 0.0]), torch.tensor([[0.1, 0.2], [0.2, 0.4]])
+    small = b.grad.clone()
+    dino.clip_gradients([a, b], 3.0)
+    assert torch.allclose(a.grad, torch.tensor([1.8, 2.4, 0.0]), atol=1e-5)   # 50 -> 3
+    assert torch.equal(b.grad, small)
 
 
 def test_vit_positions_resize_for_small_crops_and_attention_rows_sum_to_one():
     vit = common.ViT(image_size=16, patch_size=4, dim=32, depth=2, heads=2)
     assert torch.equal(vit.patch_positions(4), vit.pos_embed[:, 1:])
     assert vit(torch.randn(2, 3, 8, 8)).shape == (2, 32)        # a local crop: 2x2 patches
-    attn = vit.last_attention(torch.randn(2, 3, 8, 8))
+    attn = dino.last_attention(vit, torch.randn(2, 3, 8, 8))
     assert attn.shape == (2, 2, 5, 5) and torch.allclose(attn.sum(-1), torch.ones(2, 2, 5), atol=1e-5)
+
+
+def test_dino_crops_follow_the_paper():
+    g1, g2, local = dino.dino_augments(([0.5] * 3, [0.5] * 3), 32, 16, local_crops=6)
+    assert g1.scale == g2.scale == (0.4, 1.0) and local.scale == (0.05, 0.4) and local.size == 16
+    assert (g1.blur_p, g2.blur_p, local.blur_p) == (1.0, 0.1, 0.5) and g2.solarize_p == 0.2 == 0.2 + g1.solarize_p
+    assert g1.jitter == (0.4, 0.4, 0.2, 0.1) and g1.interpolation == "bicubic"
+    assert dino.dino_augments(([0.5] * 3, [0.5] * 3), 32, 16, local_crops=0)[0].scale == (0.14, 1.0)
+
+
+# --- MAE: positions, initialisation, what is trained ------------------------------------------
+
+def test_sincos_positions_closed_form():
+    """Entry (l, c) for patch l at row r, column q: the first half of the channels encodes q,
+    the second r; within a half, sin for the first quarter and cos for the second."""
+    dim, grid = 16, 3
+    pos = mae.sincos_positions(dim, grid)
+    assert pos.shape == (1, 1 + grid * grid, dim) and torch.equal(pos[0, 0], torch.zeros(dim))
+    n = dim // 4
+    for l in range(grid * grid):
+        r, q = divmod(l, grid)
+        for c in range(dim):
+            coord = q if c < dim // 2 else r
+            k = c % (dim // 2)
+            w = 1 / 10000 ** ((k % n) / n)
+            want = math.sin(coord * w) if k < n else math.cos(coord * w)
+            assert abs(pos[0, 1 + l, c].item() - want) < 1e-6
+
+
+def test_mae_positions_are_fixed_and_tokens_not_decayed():
+    torch.manual_seed(0)
+    enc = common.ViT(image_size=16, patch_size=4, dim=32, depth=2, heads=2)
+    model = mae.MAE(enc, 16, 1, 2)
+    assert torch.equal(enc.pos_embed, mae.sincos_positions(32, 4)) and not enc.pos_embed.requires_grad
+    assert torch.equal(model.decoder_pos, mae.sincos_positions(16, 4)) and "decoder_pos" in dict(model.named_buffers())
+    groups = common.param_groups(model, 0.05, no_decay=("cls_token", "mask_token"))
+    decayed = {id(p) for g in groups if g["decay"] for p in g["params"]}
+    assert id(enc.cls_token) not in decayed and id(model.mask_token) not in decayed
+    assert id(enc.blocks[0].attn.qkv.weight) in decayed
+    assert all(id(enc.pos_embed) != id(p) for g in groups for p in g["params"])   # not trained at all
+    # xavier-uniform: every Linear's weights within the bound sqrt(6 / (fan_in + fan_out))
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            bound = math.sqrt(6 / sum(m.weight.shape))
+            assert m.weight.abs().max() <= bound and m.weight.abs().max() > 0.8 * bound and (m.bias == 0).all()

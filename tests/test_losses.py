@@ -1,6 +1,7 @@
 """info_nce against independent oracles: a naive loop, a closed form, and invariances."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
@@ -65,3 +66,38 @@ def test_info_nce_rewards_matching_views():
     g = torch.Generator().manual_seed(0)
     z1 = torch.randn(64, 32, generator=g)
     assert info_nce(z1, z1, 0.2) < info_nce(z1, torch.randn(64, 32, generator=g), 0.2) - 1.0
+
+
+# --- every loss is computed in fp32, whatever autocast the caller runs under ------------------
+
+def loss_cases():
+    import byol
+    import dino
+    import mae
+    import moco
+    import simsiam
+    import supervised
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)
+    mask = (torch.rand(4, 16, generator=g) < 0.75).float()
+    k = r(32, 64)                                              # queries close to their keys: large logits
+    return {
+        "info_nce": lambda: info_nce(r(32, 64), r(32, 64), 0.2),
+        "moco_loss": lambda: moco.moco_loss(k + 0.3 * r(32, 64), k, torch.cat([k + 0.5 * r(32, 64), r(480, 64)]), 0.07),
+        "byol_loss": lambda: byol.byol_loss(r(32, 64), r(32, 64)),
+        "simsiam_loss": lambda: simsiam.simsiam_loss(r(32, 64), r(32, 64)),
+        "dino_loss": lambda: dino.dino_loss(r(4, 16, 512), r(2, 16, 512), r(512) * 0.1, 0.1, 0.04),
+        "mae_loss": lambda: mae.mae_loss(r(4, 16, 48), r(4, 16, 48), mask),
+        "supervised_loss": lambda: supervised.supervised_loss(r(32, 10) * 3, torch.arange(32) % 10),
+    }
+
+
+@pytest.mark.parametrize("name", list(loss_cases()))
+def test_loss_is_the_same_under_bf16_autocast(name):
+    """bf16 keeps 8 bits of mantissa: a matmul inside autocast, divided by a temperature of
+    0.04, moves the loss in its third digit. Each loss switches autocast off for itself."""
+    fp32 = loss_cases()[name]()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss_cases()[name]()
+    assert mixed.dtype == torch.float32
+    assert abs(mixed.item() - fp32.item()) <= 1e-5 * max(1.0, abs(fp32.item()))

@@ -49,17 +49,10 @@ def test_moco_loss_when_everything_is_equal_is_log_k_plus_1(K, D):
     assert math.isclose(moco.moco_loss(v, v, v.repeat(K, 1), 0.2).item(), math.log(K + 1), rel_tol=1e-5)
 
 
-@given(N=st.integers(1, 6), D=st.integers(2, 8), tau=st.floats(0.05, 1.0), seed=st.integers(0, 10**6))
-def test_moco_v3_loss_matches_naive_loop(N, D, tau, seed):
-    g = torch.Generator().manual_seed(seed)
-    q, k = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
-    qn, kn = unit(q.double()), unit(k.double())
-    total = 0.0
-    for i in range(N):
-        logits = [float(qn[i] @ kn[j]) / tau for j in range(N)]
-        total += -logits[i] + math.log(sum(math.exp(x) for x in logits))
-    expected = 2 * tau * total / N
-    assert math.isclose(moco.moco_v3_loss(q, k, tau).item(), expected, rel_tol=1e-4, abs_tol=1e-4)
+def oldest_first(model):
+    """The queue read as a FIFO, oldest key first."""
+    K = model.queue.shape[0]
+    return model.queue[(model.queue_ptr + torch.arange(K)) % K]
 
 
 @given(K=st.integers(1, 12), sizes=st.lists(st.integers(1, 30), min_size=1, max_size=8), seed=st.integers(0, 1000))
@@ -68,54 +61,58 @@ def test_queue_is_a_fifo_like_a_deque(K, sizes, seed):
     the queue read oldest-first must equal a deque(maxlen=K) fed the same keys."""
     torch.manual_seed(seed)
     D = 3
-    queue = moco.KeyQueue(K, D, torch.device("cpu"))
-    model = collections.deque((row.clone() for row in queue.keys), maxlen=K)
+    backbone = nn.Identity()
+    backbone.dim = 2                                           # only the queue matters here
+    model = moco.MoCo(backbone, 4, D, K)
+    fifo = collections.deque((row.clone() for row in model.queue), maxlen=K)
     for n in sizes:
         keys = F.normalize(torch.randn(n, D), dim=1)
-        queue.push(keys)
-        model.extend(keys)
-        assert torch.allclose(queue.oldest_first(), torch.stack(list(model)), atol=1e-6)
-        assert 0 <= queue.ptr < K
+        model.push(keys)
+        fifo.extend(keys)
+        assert torch.allclose(oldest_first(model), torch.stack(list(fifo)), atol=1e-6)
+        assert 0 <= model.queue_ptr.item() < K
 
 
-def test_queue_state_round_trip():
-    q1 = moco.KeyQueue(10, 4, torch.device("cpu"))
-    q1.push(torch.randn(7, 4))
-    q2 = moco.KeyQueue(10, 4, torch.device("cpu"))
-    q2.load(q1.state())
-    assert q2.ptr == q1.ptr == 7 and torch.equal(q2.keys, q1.keys)
+def test_queue_lives_in_the_state_dict():
+    """The queue and its pointer are buffers: a state_dict round trip carries them."""
+    a = moco.MoCo(common.build_backbone("resnet18", 16, width=8), 32, 16, 10)
+    a.push(torch.randn(7, 16))
+    b = moco.MoCo(common.build_backbone("resnet18", 16, width=8), 32, 16, 10)
+    assert not torch.equal(a.queue, b.queue)
+    b.load_state_dict(a.state_dict())
+    assert b.queue_ptr.item() == 7 and torch.equal(b.queue, a.queue)
 
 
-@given(G=st.sampled_from([1, 2, 4]), n=st.integers(2, 5), image=st.booleans(), affine=st.booleans(),
-       seed=st.integers(0, 1000))
-def test_split_batchnorm_equals_batchnorm_per_group(G, n, image, affine, seed):
+def test_moco_projector_has_no_batchnorm():
+    model = moco.MoCo(common.build_backbone("resnet18", 16, width=8), 32, 16, 10)
+    assert [type(m) for m in model.encoder_q[1]] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+@given(G=st.sampled_from([1, 2, 4]), n=st.integers(2, 5), seed=st.integers(0, 1000))
+def test_split_batchnorm_equals_batchnorm_per_group(G, n, seed):
     """Training output: each group of rows normalised by its own statistics, exactly what
-    G separate BatchNorms on G devices would give. Running stats: the mean over groups.
-    For the ResNet's (N, C, H, W) maps and the projector's (N, C) vectors alike."""
+    G separate BatchNorms on G devices would give. Running stats: the mean over groups."""
     torch.manual_seed(seed)
     C = 3
-    x = torch.randn(G * n, C, 4, 4) * 3 + 1 if image else torch.randn(G * n, C) * 3 + 1
-    make_bn = nn.BatchNorm2d if image else nn.BatchNorm1d
-    bn = make_bn(C, affine=affine)
-    if affine:
-        with torch.no_grad():
-            bn.weight.uniform_(0.5, 2)
-            bn.bias.uniform_(-1, 1)
+    x = torch.randn(G * n, C, 4, 4) * 3 + 1
+    bn = nn.BatchNorm2d(C)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
     split = moco.split_batchnorm(nn.Sequential(bn), G)[0]
     assert isinstance(split, moco.SplitBatchNorm)
     y = split(x)
-    dims = (0, 2, 3) if image else (0,)
     means, vars_ = [], []
     for chunk, y_chunk in zip(x.chunk(G), y.chunk(G)):
-        ref = make_bn(C, affine=affine)
+        ref = nn.BatchNorm2d(C)
         ref.load_state_dict(bn.state_dict())
         assert torch.allclose(y_chunk, ref(chunk), atol=1e-5)
-        means.append(chunk.mean(dims))
-        vars_.append(chunk.var(dims, unbiased=True))
+        means.append(chunk.mean((0, 2, 3)))
+        vars_.append(chunk.var((0, 2, 3), unbiased=True))
     assert torch.allclose(split.running_mean, 0.1 * torch.stack(means).mean(0), atol=1e-5)
     assert torch.allclose(split.running_var, 0.9 + 0.1 * torch.stack(vars_).mean(0), atol=1e-5)
     split.eval()
-    ref = make_bn(C, affine=affine)
+    ref = nn.BatchNorm2d(C)
     ref.load_state_dict(split.state_dict())
     assert torch.allclose(split(x), ref.eval()(x), atol=1e-6)
 
@@ -129,28 +126,27 @@ def test_split_batchnorm_keeps_channels_last_and_loads_into_plain_resnet():
     plain.load_state_dict(net.state_dict())                    # same names, same buffers
 
 
-def tiny_moco(version=2, splits=2):
-    model = moco.MoCo(common.build_backbone("resnet18", 16, width=8), 32, 16, version)
+def tiny_moco(splits=2):
+    model = moco.MoCo(common.build_backbone("resnet18", 16, width=8), 32, 16, 32)
     return moco.split_batchnorm(model, splits) if splits > 1 else model
 
 
 def test_moco_key_encoder_gets_no_gradient_and_moves_by_ema():
     torch.manual_seed(0)
     model = tiny_moco()
-    args = moco.make_parser().parse_args(["--momentum", "0.9", "--temperature", "0.2"])
-    queue = moco.KeyQueue(32, 16, torch.device("cpu"))
-    opt = common.make_optimizer(model, "sgd", 0.1, 0.0)
+    args = moco.make_parser().parse_args(["--temperature", "0.2"])
+    opt = common.make_optimizer(common.param_groups(model, 0.0), "sgd", 0.1)
     assert all(id(p) not in {id(q) for g in opt.param_groups for q in g["params"]} for p in model.encoder_k.parameters())
     k_before = [p.detach().clone() for p in model.encoder_k.parameters()]
     q_before = [p.detach().clone() for p in model.encoder_q.parameters()]
 
     x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
-    loss, q = moco.train_step(model, opt, queue, x1, x2, args, NoAutocast())
+    loss, q = moco.train_step(model, opt, x1, x2, 0.9, args, NoAutocast())
     assert torch.isfinite(loss) and q.shape == (4, 16)
     for p, kb, qb in zip(model.encoder_k.parameters(), k_before, q_before):
         assert p.grad is None and not p.requires_grad
         assert torch.allclose(p, 0.9 * kb + 0.1 * qb, atol=1e-6)     # EMA of the pre-step query weights
-    assert queue.ptr == 8                                      # symmetric: both views' keys enqueued
+    assert model.queue_ptr.item() == 8                         # symmetric: both views' keys enqueued
     assert any(p.grad is not None for p in model.encoder_q.parameters())
 
 
@@ -213,7 +209,7 @@ def test_byol_and_simsiam_losses_send_no_gradient_into_z():
 def test_byol_target_gets_no_gradient_and_follows_by_ema():
     torch.manual_seed(0)
     model = byol.BYOL(common.build_backbone("resnet18", 16, width=8), 32, 16, 32)
-    opt = common.make_optimizer(model, "sgd", 0.1, 0.0)
+    opt = common.make_optimizer(common.param_groups(model, 0.0), "sgd", 0.1)
     t_before = [p.detach().clone() for p in model.target.parameters()]
 
     byol.train_step(model, opt, torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), 0.8, NoAutocast())
@@ -222,14 +218,14 @@ def test_byol_target_gets_no_gradient_and_follows_by_ema():
         assert torch.allclose(p, 0.8 * tb + 0.2 * o.detach(), atol=1e-6)   # EMA of the post-step online
 
 
-@given(total=st.integers(1, 10_000), base=st.floats(0.0, 0.999))
-def test_cosine_momentum_ends_and_rises(total, base):
-    assert common.cosine_momentum(0, total, base) == pytest.approx(base)
-    assert common.cosine_momentum(total, total, base) == pytest.approx(1.0)
-    values = [common.cosine_momentum(s, total, base) for s in range(0, total + 1, max(1, total // 7))]
-    assert all(a <= b + 1e-12 for a, b in zip(values, values[1:]))
+@given(total=st.integers(1, 10_000), base=st.floats(0.0, 0.999), final=st.sampled_from([0.999, 1.0]))
+def test_cosine_momentum_ends_and_rises(total, base, final):
+    assert common.cosine_momentum(0, total, base, final) == pytest.approx(base)
+    assert common.cosine_momentum(total, total, base, final) == pytest.approx(final)
+    values = [common.cosine_momentum(s, total, base, final) for s in range(0, total + 1, max(1, total // 7))]
+    assert all(a <= b + 1e-12 for a, b in zip(values, values[1:])) or base > final
     if total % 2 == 0:
-        assert common.cosine_momentum(total // 2, total, base) == pytest.approx((1 + base) / 2)
+        assert common.cosine_momentum(total // 2, total, base, final) == pytest.approx((final + base) / 2)
 
 
 # --- SimSiam -----------------------------------------------------------------------------

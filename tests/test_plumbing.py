@@ -19,63 +19,88 @@ def test_cosine_schedule_ends(total, warm, base):
 
 
 @given(m=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
-def test_ema_update_formula(m, seed):
+def test_ema_update_averages_parameters_and_leaves_buffers_alone(m, seed):
+    """The teacher keeps its own BatchNorm statistics (MoCo's, BYOL's and DINO's code): only
+    parameters are averaged, running statistics are neither averaged nor copied."""
     torch.manual_seed(seed)
     online, target = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     bn_o, bn_t = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
     bn_o.running_mean.fill_(2.0)
+    bn_t.running_mean.fill_(-1.0)
     expected = [m * t.detach().clone() + (1 - m) * o.detach() for t, o in zip(target.parameters(), online.parameters())]
     common.ema_update(torch.nn.Sequential(target, bn_t), torch.nn.Sequential(online, bn_o), m)
     for p, e in zip(target.parameters(), expected):
         assert torch.allclose(p, e, atol=1e-6)
-    assert torch.equal(bn_t.running_mean, bn_o.running_mean)
+    assert torch.equal(bn_t.running_mean, torch.full((3,), -1.0))
 
 
-def naive_lars(params, grads, bufs, lr, wd, m, eta, lars, clip):
-    """One LARS step, one tensor at a time, in float64. With clip, the layer's rate is
-    min(trust, lr): written here as a branch, not as a clamp of a ratio."""
-    out = []
-    for p, g, v in zip(params, grads, bufs):
-        d = g + wd * p
-        if lars and p.norm() > 0 and d.norm() > 0:
-            trust = float(eta * p.norm() / d.norm())
-            layer_lr = (trust if trust < lr else lr) if clip else lr * trust
-            d = d * (layer_lr / lr)
-        v = m * v + d
-        out.append((p - lr * v, v))
-    return out
+def paper_lars(w, g, v, lr, wd, m, eta, decay, clip):
+    """One step for one tensor, from You et al.'s eq. (6) and solo-learn's text, in float64:
+    the local rate eta ||w|| / (||g|| + wd ||w||), capped at the global lr in clip mode
+    (multiplied by it otherwise), applied to g + wd w; biases, norms and tensors with a zero
+    norm take the plain gradient, with no weight decay."""
+    wn, gn = w.norm().item(), g.norm().item()
+    if decay and wn > 0 and gn > 0:
+        local = eta * wn / (gn + wd * wn + 1e-8)
+        rate = min(local, lr) if clip else lr * local
+        step = (g + wd * w) * (rate / lr)
+    else:
+        step = g
+    v = m * v + step
+    return w - lr * v, v
 
 
 @given(seed=st.integers(0, 1000), wd=st.floats(0.0, 0.1), lr=st.floats(0.001, 2.0), clip=st.booleans())
-def test_lars_against_naive_loop(seed, wd, lr, clip):
+def test_lars_against_the_papers_formula(seed, wd, lr, clip):
     torch.manual_seed(seed)
-    w = [torch.randn(5, 4, dtype=torch.float64), torch.randn(3, 2, 2, dtype=torch.float64)]
+    # The third tensor is zero and the fourth gets a zero gradient: neither is adapted nor decayed.
+    w = [torch.randn(5, 4, dtype=torch.float64), torch.randn(3, 2, 2, dtype=torch.float64),
+         torch.zeros(2, 3, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)]
     b = [torch.randn(5, dtype=torch.float64)]
     params = [torch.nn.Parameter(t.clone()) for t in w + b]
-    opt = common.LARS([dict(params=params[:2], weight_decay=wd, lars=True),
-                       dict(params=params[2:], weight_decay=0.0, lars=False)], lr=lr, momentum=0.9, eta=0.02, clip=clip)
-    bufs = [torch.zeros_like(t) for t in w + b]
-    state = [t.clone() for t in w + b]
+    opt = common.LARS([dict(params=params[:4], weight_decay=wd, decay=True),
+                       dict(params=params[4:], weight_decay=0.0, decay=False)], lr=lr, momentum=0.9, eta=0.02, clip=clip)
+    state = [(t.clone(), torch.zeros_like(t)) for t in w + b]
     for _ in range(3):
-        grads = [torch.randn_like(t) for t in state]
+        grads = [torch.randn_like(t) * (i != 3) for i, (t, _) in enumerate(state)]
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
-        ref = naive_lars(state[:2], grads[:2], bufs[:2], lr, wd, 0.9, 0.02, True, clip) + \
-            naive_lars(state[2:], grads[2:], bufs[2:], lr, 0.0, 0.9, 0.02, False, clip)
-        state, bufs = [r[0] for r in ref], [r[1] for r in ref]
-        for p, s in zip(params, state):
+        state = [paper_lars(t, g, v, lr, wd if i < 4 else 0.0, 0.9, 0.02, i < 4, clip)
+                 for i, ((t, v), g) in enumerate(zip(state, grads))]
+        for p, (s, _) in zip(params, state):
             assert torch.allclose(p.detach(), s, atol=1e-10)
 
 
-def test_optimizer_groups_exclude_biases_and_norms_from_decay():
-    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
-    opt = common.make_optimizer(net, "lars", 0.1, 1e-4)
-    decay, no_decay = opt.param_groups
-    assert [p.ndim for p in decay["params"]] == [2] and decay["weight_decay"] == 1e-4
-    assert all(p.ndim == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0
-    common.set_lr(opt, 0.5)
-    assert all(g["lr"] == 0.5 for g in opt.param_groups)
+def test_param_groups_exclude_biases_norms_and_named_tokens_from_decay():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)
+            self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 4))
+            self.frozen = torch.nn.Parameter(torch.zeros(3, 3), requires_grad=False)
+    net = Net()
+    groups = common.param_groups(net, 1e-4, no_decay=("cls_token",))
+    decay = [g for g in groups if g["decay"]]
+    assert len(decay) == 1 and decay[0]["params"] == [net.fc.weight] and decay[0]["weight_decay"] == 1e-4
+    no_decay = [p for g in groups if not g["decay"] for p in g["params"]]
+    assert {id(p) for p in no_decay} == {id(net.fc.bias), id(net.bn.weight), id(net.bn.bias), id(net.cls_token)}
+    assert all(g["weight_decay"] == 0 for g in groups if not g["decay"])
+    opt = common.make_optimizer(common.param_groups(net, 1e-4, lr_scale=lambda n: 0.5 if n.startswith("bn") else 1.0),
+                                "lars", 0.1)
+    common.set_lr(opt, 0.4)
+    assert sorted(g["lr"] for g in opt.param_groups) == [0.2, 0.4, 0.4]
+    assert common.make_optimizer(groups, "adamw", 1e-3).defaults["betas"] == (0.9, 0.999)
+
+
+@given(value=st.floats(0.0, 50.0), recipe=st.integers(1, 2000), epochs=st.integers(1, 4000))
+def test_scaled_epochs_keeps_the_recipe_or_its_fraction(value, recipe, epochs):
+    got = common.scaled_epochs(value, recipe, epochs)
+    if epochs >= recipe:
+        assert got == value                                    # a long run: the recipe's own length
+    else:
+        assert got / epochs == pytest.approx(value / recipe)   # a short one: the same fraction of it
+        assert got <= value
 
 
 def test_embedding_std_closed_forms():
