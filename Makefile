@@ -51,8 +51,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 bench: $(if $(filter $(PY),$(BENCH_PY)),$(VENV)/.installed)
-	$(BENCH_PY) $(METHOD).py --data $(BENCH_DATA) --epochs $(BENCH_EPOCHS) --eval-every 0 --bench \
-		$(if $(filter mae,$(METHOD)),--finetune-epochs 0) --out runs/bench-$(METHOD)-$$(date +%Y%m%d-%H%M%S)
+	$(BENCH_PY) bench.py $(METHOD) --data $(BENCH_DATA) --epochs $(BENCH_EPOCHS)
 
 # exp-mask-ratio -> experiments/mask_ratio.py, compare -> experiments/compare.py
 $(EXPERIMENTS): $(VENV)/.installed

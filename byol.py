@@ -45,28 +45,27 @@ import common
 RECIPE_EPOCHS = 1000            # the length of the cited recipe; shorter runs scale its schedules
 
 def make_parser():
-    p = argparse.ArgumentParser(description="BYOL self-supervised pretraining.")
-    common.add_common_args(p, arch="resnet18")
-    g = p.add_argument_group("BYOL")
-    g.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
-    g.add_argument("--batch-size", type=common.positive_int, default=512,
-                   help="images per step; BYOL has no negatives, so it is far less batch-hungry than SimCLR")
-    g.add_argument("--lr", type=common.positive_float, default=1.0,
-                   help="base learning rate per 256 images (scaled linearly with --batch-size)")
-    g.add_argument("--optimizer", default="lars", choices=["lars", "sgd"], help="LARS, as in the paper")
-    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-5, help="L2 penalty on weight matrices")
-    g.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
-                   help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
-                        "of a shorter run)")
-    g.add_argument("--tau-base", type=common.ema_momentum, default=0.99,
-                   help="the target's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine")
-    g.add_argument("--min-scale", type=common.fraction, default=0.08,
-                   help="smallest crop as a fraction of the image area")
-    g.add_argument("--predictor", action=argparse.BooleanOptionalAction, default=True,
-                   help="--no-predictor drops q_theta: the asymmetry goes and the embeddings collapse")
-    g.add_argument("--proj-hidden", type=common.positive_int, default=4096, help="projector hidden width")
-    g.add_argument("--proj-dim", type=common.positive_int, default=256, help="dimension of z and p")
-    g.add_argument("--pred-hidden", type=common.positive_int, default=4096, help="predictor hidden width")
+    p = common.make_parser("BYOL self-supervised pretraining.", arch="resnet18")
+    group = p.add_argument_group("BYOL")
+    group.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
+    group.add_argument("--batch-size", type=common.positive_int, default=512,
+                       help="images per step; BYOL has no negatives, so it is far less batch-hungry than SimCLR")
+    group.add_argument("--lr", type=common.positive_float, default=1.0,
+                       help="base learning rate per 256 images (scaled linearly with --batch-size)")
+    group.add_argument("--optimizer", default="lars", choices=["lars", "sgd"], help="LARS, as in the paper")
+    group.add_argument("--weight-decay", type=common.nonneg_float, default=1e-5, help="L2 penalty on weight matrices")
+    group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
+                       help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
+                            "of a shorter run)")
+    group.add_argument("--tau-base", type=common.ema_momentum, default=0.99,
+                       help="the target's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine")
+    group.add_argument("--min-scale", type=common.fraction, default=0.08,
+                       help="smallest crop as a fraction of the image area")
+    group.add_argument("--predictor", action=argparse.BooleanOptionalAction, default=True,
+                       help="--no-predictor drops q_theta: the asymmetry goes and the embeddings collapse")
+    group.add_argument("--proj-hidden", type=common.positive_int, default=4096, help="projector hidden width")
+    group.add_argument("--proj-dim", type=common.positive_int, default=256, help="dimension of z and p")
+    group.add_argument("--pred-hidden", type=common.positive_int, default=4096, help="predictor hidden width")
     return p
 
 
@@ -74,7 +73,7 @@ def make_parser():
 # Augmentation: two views from two different distributions
 # ============================================================================================
 
-def byol_augments(stats, size, min_scale=0.08):
+def byol_augments(mean_std, size, min_scale=0.08):
     """solo-learn's asymmetric.yaml: both views crop (8-100% of the area), flip, colour jitter
     0.4, 0.4, 0.2, 0.1 with p 0.8 and grayscale p 0.2; the second view alone is solarised
     with p 0.2. The paper also blurs (p 1.0 and 0.1), which solo-learn drops at 32 px: here
@@ -82,7 +81,7 @@ def byol_augments(stats, size, min_scale=0.08):
     big = size > 64
     view = lambda blur_p, solarize_p: common.Augment(
         size, scale=(min_scale, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=blur_p,
-        solarize_p=solarize_p, mean=stats[0], std=stats[1])
+        solarize_p=solarize_p, mean=mean_std[0], std=mean_std[1])
     return view(1.0 if big else 0.0, 0.0), view(0.1 if big else 0.0, 0.2)
 
 
@@ -133,11 +132,11 @@ def byol_loss(p, z):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, x1, x2, tau, run):
+def train_step(model, optimizer, x1, x2, tau, autocast):
     """The online prediction of each view regresses the target's projection of the other
     (the paper's L + L~). Each view has its own forward pass, so BatchNorm normalises each
     with its own statistics, as in the paper's code. The target then follows."""
-    with run.autocast():
+    with autocast:
         p1, z1 = model(x1)                                     # (N, D) each
         p2, z2 = model(x2)
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
@@ -153,35 +152,32 @@ def train_step(model, optimizer, x1, x2, tau, run):
 # ============================================================================================
 
 def main(argv=None):
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    run = common.Run(args, "byol", parser)
+    args = common.parse_args(make_parser(), argv, "byol")
+    run = common.Run(args, "byol")
 
     # Residual branches start at 0 (torchvision's zero_init_residual), as in the paper's ResNet.
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size,
                                      zero_init_residual=True)
-    model = run.prepare(BYOL(backbone, args.proj_hidden, args.proj_dim, args.pred_hidden, args.predictor))
+    model = common.to_device(BYOL(backbone, args.proj_hidden, args.proj_dim, args.pred_hidden, args.predictor),
+                             run.device)
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)
-    warmup = common.scaled_epochs(10, RECIPE_EPOCHS, args.epochs) if args.warmup_epochs is None else args.warmup_epochs
+    warmup = common.scaled_epochs(args.warmup_epochs, 10, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
     run.start(model, optimizer, model.backbone)
-    augment1, augment2 = byol_augments(run.stats, run.data.image_size, args.min_scale)
+    augment1, augment2 = byol_augments(run.mean_std, run.data.image_size, args.min_scale)
     run.save_views([augment1, augment2])
-    forward = run.compiled(model)
+    train_model = torch.compile(model) if args.compile else model
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, x in run.batches(epoch):                     # x: (B, 3, H, W) uint8
-            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, round(warmup * run.steps_per_epoch),
-                                                      base_lr))
-            tau = common.cosine_momentum(step, run.total_steps, args.tau_base)
+        for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
+            tau = common.cosine_schedule(step, run.total_steps, args.tau_base, 1.0)
+            x = run.data.train_x[idx]                          # (B, 3, H, W) uint8, on the device
             x1, x2 = augment1(x), augment2(x)                  # (B, 3, H, W) fp32 each
-            loss, z = train_step(forward, optimizer, x1, x2, tau, run)
-            run.log_step(loss, z)
+            loss, p1 = train_step(train_model, optimizer, x1, x2, tau, run.autocast)
+            run.log_step(loss, p1)
         run.end_epoch(epoch)
-
-    x = run.data.train_x[:args.batch_size]
-    x1, x2 = augment1(x), augment2(x)
-    run.finish(bench_step=lambda: train_step(forward, optimizer, x1, x2, args.tau_base, run))
+    run.finish()
 
 
 if __name__ == "__main__":

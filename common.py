@@ -1,19 +1,22 @@
-"""common.py: what every self-supervised method here shares, in six sections.
+"""common.py: what the self-supervised methods here share, as a short chapter in seven sections.
 
     1. data            CIFAR-10, the built-in `shapes` set, image folders and tarballs
-    2. augmentations   batched, on the tensor's device, per-sample random parameters
-    3. backbones       ResNet-18/34/50 (small-image stem) and ViT-Tiny/Small, MLP heads
-    4. plumbing        flags, device, optimizers, schedules, EMA, progress, log, checkpoints
-    5. evaluation      kNN and linear probe on frozen features
-    6. pictures        augmented views and training curves, drawn with pillow
+    2. augmentations   torchvision's transforms, batched on the tensor's device
+    3. backbones       ResNet-18/34/50 (small-image stem), ViT-Tiny/Small, the MLP head
+    4. optimizers      LARS, parameter groups, schedules, the EMA of slow teachers
+    5. evaluation      kNN and linear probe on frozen features, fine-tuning
+    6. pictures        image grids and plots, drawn with pillow
+    7. a training run  flags, checkpoints, and `Run`: folder, log, progress, evaluation
 
-The method files (simclr.py, ...) read top to bottom and call into this file; nothing in
-here is specific to one method. The design choice that shapes the rest: the whole training
-set lives on the training device as one uint8 tensor and batches are augmented there, so
-no worker processes feed the GPU and an epoch runs close to the speed of the model itself.
+Each section uses only the ones above it. The method files (simclr.py, ...) read top to
+bottom and call into this file; nothing in here serves one method alone. The design choice
+that shapes the rest: the whole training set lives on the training device as one uint8
+tensor and batches are augmented there, so no worker processes feed the GPU and an epoch
+runs close to the speed of the model itself.
 """
 
 import argparse
+import atexit
 import functools
 import hashlib
 import io
@@ -21,12 +24,14 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 import tarfile
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,20 +44,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 class UserError(Exception):
     """A problem with what the user gave us (a path, a file, a flag). Printed as one
-    paragraph by `run_main`, never as a traceback."""
-
-
-def run_main(main):
-    """Run a script's main(): user errors become a one-paragraph message and exit code 2."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted. Checkpoints written so far are kept; continue with "
-              "--resume OUT/checkpoint.pt.", file=sys.stderr)
-        sys.exit(130)
+    paragraph by `run_main` (section 7), never as a traceback."""
 
 
 # ============================================================================================
@@ -93,7 +85,7 @@ class Dataset:
         return Dataset(move(self.train_x), move(self.train_y), move(self.test_x),
                        move(self.test_y), self.classes, self.name)
 
-    def channel_stats(self):
+    def mean_std(self):
         """Per-channel mean and std of the training images in [0, 1], used to normalise."""
         step = max(1, len(self.train_x) // 10000)              # strided: folders are sorted by class
         x = self.train_x[::step].float() / 255                 # (n, 3, H, W)
@@ -131,13 +123,6 @@ def label_subset(labels, fraction, seed=0):
         members = members[torch.randperm(len(members), generator=g)]
         keep.append(members[:max(1, round(fraction * len(members)))])
     return torch.cat(keep).sort().values
-
-
-def with_train_subset(data, idx):
-    """The same data set with only the training images `idx` (indices on any device)."""
-    idx = idx.to(data.train_x.device)
-    return Dataset(data.train_x[idx], None if data.train_y is None else data.train_y[idx],
-                   data.test_x, data.test_y, data.classes, data.name)
 
 
 # --- CIFAR-10, the official python archive -------------------------------------------------
@@ -881,161 +866,53 @@ def mlp(dims):
 
 
 # ============================================================================================
-# 4. Training plumbing
-# Flags every method shares, the device, optimizers and schedules, and `Run`: one object
-# that owns the output folder, the log, checkpoints, progress and evaluation, so that each
-# method's file keeps only its model, its loss and an explicit training loop.
+# 4. Optimizers and schedules
+# LARS (what SimCLR and BYOL use at large batch), the parameter groups every optimizer gets
+# (no weight decay on biases and norms), the schedules, and the EMA of the slow teachers.
 # ============================================================================================
 
-def positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
-
-
-def nonneg_int(s):
-    v = int(s) if s.lstrip("-").isdigit() else None
-    if v is None or v < 0:
-        raise argparse.ArgumentTypeError(f"{s!r} must be a whole number >= 0")
-    return v
-
-
-def positive_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"{v} must be a positive number")
-    return v
-
-
-def nonneg_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"{v} must be a number >= 0")
-    return v
-
-
-def ema_momentum(s):
-    """An EMA momentum: a number in [0, 1)."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be in [0, 1)")
-    return v
-
-
-def fraction(s):
-    """A number in (0, 1]: a share of an image's area, of the labels, ..."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"{v} must be in (0, 1]")
-    return v
-
-
-def add_common_args(p, arch="resnet18"):
-    """Flags every method takes: data, backbone, device, output, evaluation."""
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="cifar10",
-                   help="'cifar10' (downloaded once into --data-dir), 'shapes' (built in, offline), or a "
-                        "path to an image folder or .tar/.tar.gz with train/ and test/ class subfolders")
-    g.add_argument("--data-dir", default=os.environ.get("SSL_DATA", "data"),
-                   help="where CIFAR-10 and decoded-image caches live (default ./data or $SSL_DATA)")
-    g.add_argument("--image-size", type=positive_int, default=32,
-                   help="side in pixels; folder images of another size are resized and centre-cropped")
-    g.add_argument("--subset", type=nonneg_int, default=0,
-                   help="train on a random N training images (0 = all); for quick runs")
-    g = p.add_argument_group("backbone")
-    g.add_argument("--arch", default=arch, choices=ARCHS, help="backbone network")
-    g.add_argument("--width", type=positive_int, default=64,
-                   help="ResNet base channels (64 is standard; 16 trains ~12x faster on a CPU)")
-    g.add_argument("--patch-size", type=positive_int, default=4, help="ViT patch side in pixels (4 at 32 px)")
-    g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto picks cuda, then mps, then cpu")
-    g.add_argument("--fp32", action="store_true", help="disable bf16 autocast on CUDA")
-    g.add_argument("--compile", action="store_true", help="torch.compile the training forward (CUDA)")
-    g.add_argument("--seed", type=int, default=0, help="seeds weights, batches and augmentations")
-    g.add_argument("--out", default=None, help="output folder (default runs/<method>-<time>)")
-    g.add_argument("--resume", default=None, metavar="PATH",
-                   help="continue from a checkpoint.pt up to --epochs, writing into its folder")
-    g.add_argument("--eval-every", type=nonneg_int, default=10,
-                   help="kNN every N epochs (0 = only at the end); it always runs at the end")
-    g.add_argument("--linear-probe", action=argparse.BooleanOptionalAction, default=False,
-                   help="also fit a linear probe on frozen features at the end")
-    g.add_argument("--bench", action="store_true",
-                   help="at the end, time the model alone (no data, no augmentation) and print the speed table")
-    return p
-
-
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch. Use --device cpu or auto.")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps: Apple's MPS backend is not available here. Use --device cpu or auto.")
-    return torch.device(name)
-
-
-def scaled_epochs(value, recipe_epochs, epochs):
-    """A schedule that lasts `value` epochs in a recipe of `recipe_epochs` epochs, fitted to a
-    run of `epochs`: the recipe's own length when the run is at least as long, the same
-    fraction of the run when it is shorter. A 5-epoch run then follows a compressed recipe
-    (warmups included) instead of stopping inside the first few epochs of a long one."""
+def scaled_epochs(flag, value, recipe_epochs, epochs):
+    """The length in epochs of a schedule (a warmup, say): `flag` when the user gave one, else
+    the recipe's `value` epochs fitted to this run. A run at least as long as the recipe's
+    `recipe_epochs` keeps the recipe's length; a shorter one gets the same fraction of itself,
+    so a 5-epoch run follows a compressed recipe instead of stopping inside its first epochs."""
+    if flag is not None:
+        return flag
     return value if epochs >= recipe_epochs else value * epochs / recipe_epochs
 
 
 def cosine_lr(step, total, warmup, base, final=0.0):
-    """Linear warmup from 0 to `base` over `warmup` steps, then a cosine from `base` to `final`."""
+    """Linear warmup from 0 to `base` over `warmup` steps (a fraction is fine), then a cosine
+    from `base` to `final` at step `total`."""
     if step < warmup:
-        return base * (step + 1) / warmup
+        return base * min(1.0, (step + 1) / warmup)
     t = (step - warmup) / max(1, total - warmup)
     return final + (base - final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 def set_lr(optimizer, lr):
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step for each weight tensor is rescaled by the trust ratio
     (You et al., arXiv 1708.03888, eq. 6):
 
-        trust = eta * ||w|| / (||g|| + wd * ||w||),   d = trust * (g + wd * w)
+        trust = eta * ||w|| / (||g|| + wd * ||w||),   d = min(trust / lr, 1) * (g + wd * w)
 
     so that each layer moves by a set fraction of its own size, which keeps large-batch
-    training stable. Groups with decay=False (biases, norms) take plain SGD steps and no
-    weight decay; a tensor whose weight or gradient norm is 0 does too. With clip=True (the
-    "clip" mode of NVIDIA's LARC, which solo-learn's CIFAR recipes use), the layer's rate is
-    min(lr * trust, lr) instead of lr * trust: the global lr is a ceiling and eta sets the
-    step. solo-learn's implementation, written with multi-tensor ops."""
+    training stable. The min(., 1) is the "clip" mode of NVIDIA's LARC, which solo-learn's
+    CIFAR recipes use: the layer's rate is min(trust, lr), the global lr a ceiling. Groups
+    with decay=False (biases, norms) take plain SGD steps and no weight decay; so does a
+    tensor whose weight or gradient norm is 0. solo-learn's LARS, in multi-tensor ops."""
 
-    def __init__(self, params, lr, momentum=0.9, eta=0.02, clip=True, eps=1e-8):
-        super().__init__(params, dict(lr=lr, weight_decay=0.0, momentum=momentum, eta=eta, decay=True,
-                                      clip=clip, eps=eps))
+    def __init__(self, params, lr, momentum=0.9, eta=0.02, eps=1e-8):
+        super().__init__(params, dict(lr=lr, weight_decay=0.0, momentum=momentum, eta=eta, decay=True, eps=eps))
 
     @torch.no_grad()
     def step(self):
-        for g in self.param_groups:
+        for g in self.param_groups:                            # g: a parameter group
             params = [p for p in g["params"] if p.grad is not None]
             if not params:
                 continue
@@ -1046,8 +923,7 @@ class LARS(torch.optim.Optimizer):
                 w_norm = torch.stack(torch._foreach_norm(params))
                 g_norm = torch.stack(torch._foreach_norm(grads))
                 trust = g["eta"] * w_norm / (g_norm + wd * w_norm + g["eps"])
-                if g["clip"]:
-                    trust = torch.clamp(trust / g["lr"], max=1.0)    # lr * trust = min(lr * ratio, lr)
+                trust = torch.clamp(trust / g["lr"], max=1.0)    # the layer's rate min(trust, lr), as a factor of lr
                 adapt = (w_norm > 0) & (g_norm > 0)
                 grads = torch._foreach_add(grads, params, alpha=wd)   # g + wd * w
                 grads = [torch.where(a, d, p.grad) for a, d, p in zip(adapt.unbind(), grads, params)]
@@ -1102,348 +978,10 @@ def ema_update(target, online, momentum):
     torch._foreach_add_(t_params, o_params, alpha=1 - momentum)
 
 
-def cosine_momentum(step, total, base, final=1.0):
-    """BYOL's EMA schedule: tau = final - (final - base) (cos(pi k / K) + 1) / 2, from `base`
-    at step 0 to `final` at the last step, so the teacher slows down as training settles."""
-    return final - (final - base) * (math.cos(math.pi * min(step / max(1, total), 1.0)) + 1) / 2
-
-
-def embedding_std(z):
-    """Collapse monitor: mean per-dimension std of L2-normalised embeddings z (N, D). Healthy
-    embeddings spread over the sphere give about 1/sqrt(D); a collapsed encoder gives 0."""
-    return F.normalize(z.detach().float(), dim=1).std(0).mean()
-
-
-def save_checkpoint(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves half a file."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-class Run:
-    """Plumbing for one training run. The method file builds its model and optimizer, then:
-
-        run.start(model, optimizer, backbone)     # resume, or measure the random-init kNN
-        for epoch in range(run.start_epoch, args.epochs):
-            for step, x in run.batches(epoch):     # x: (B, 3, H, W) uint8 on the device
-                ... augment, forward, loss, backward, step ...
-                run.log_step(loss, z)              # no host sync here
-            run.end_epoch(epoch, extra)           # kNN, log, checkpoint
-        run.finish()                              # encoder.pt, pictures, summary.json
-    """
-
-    def __init__(self, args, method, parser):
-        self.args, self.method = args, method
-        self.device = pick_device(args.device)
-        self.ckpt = None
-        if args.resume:
-            self.ckpt = self._load_checkpoint(Path(args.resume), parser)
-        if args.out is None:
-            args.out = str(Path(args.resume).parent) if args.resume else \
-                f"runs/{method}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.out = Path(args.out)
-        if not args.resume and (self.out / "checkpoint.pt").exists():
-            raise UserError(f"--out {self.out} already holds a run (checkpoint.pt). Continue it with "
-                            f"--resume {self.out / 'checkpoint.pt'}, or choose another --out.")
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"--out {self.out}: cannot create the output folder ({e}).") from None
-        torch.manual_seed(args.seed)
-
-        t0 = time.time()
-        data = load_data(args.data, args.data_dir, args.image_size, args.subset, args.seed)
-        self.stats = data.channel_stats()
-        self.data = data.to(self.device)
-        self.n_train = len(self.data.train_x)
-        self.steps_per_epoch = self.n_train // args.batch_size
-        if self.steps_per_epoch == 0:
-            raise UserError(f"--batch-size {args.batch_size} is larger than the {self.n_train} training "
-                            f"images; lower it.")
-        self.total_steps = self.steps_per_epoch * args.epochs
-        print(f"{method}: {self.n_train} training images from {data.name} "
-              f"({'labeled' if data.labeled else 'unlabeled, no kNN'}), loaded in {time.time() - t0:.1f}s, "
-              f"device {self.device}, output {self.out}", file=sys.stderr)
-        self.cuda = self.device.type == "cuda"
-        if self.cuda:
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.history, self.knn_init, self.train_seconds, self.epoch_seconds = [], None, 0.0, []
-        self.start_epoch = 0
-        self.log_path = self.out / "log.jsonl"
-
-    # --- setup -------------------------------------------------------------------------
-
-    def _load_checkpoint(self, path, parser):
-        if not path.is_file():
-            raise UserError(f"--resume {path}: no such checkpoint file.")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            saved = ckpt["args"]
-        except Exception as e:
-            raise UserError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {e}).") from None
-        if ckpt.get("method") != self.method:
-            raise UserError(f"--resume {path} is a {ckpt.get('method')} checkpoint, not {self.method}.")
-        # Hyperparameters come from the checkpoint, so the run continues as it started;
-        # only these may change on resume.
-        free = {"epochs", "out", "resume", "device", "compile", "eval_every", "linear_probe", "bench", "data_dir"}
-        for k, v in saved.items():
-            now = getattr(self.args, k, v)
-            if k not in free and now != v:
-                if now != parser.get_default(k):
-                    print(f"note: --{k.replace('_', '-')} {now} ignored; the checkpoint's value {v} is kept.",
-                          file=sys.stderr)
-                setattr(self.args, k, v)
-        if self.args.epochs <= ckpt["epoch"]:
-            raise UserError(f"--resume {path}: the checkpoint already has {ckpt['epoch']} epochs; pass "
-                            f"--epochs larger than that to continue.")
-        return ckpt
-
-    def autocast(self):
-        """bf16 autocast on CUDA (the matrix units' fast type, fp32's range); off elsewhere."""
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda and not self.args.fp32)
-
-    def prepare(self, model):
-        """Move to the device. channels_last (NHWC) is the layout the fast convolution kernels
-        want, on CUDA (tensor cores) and on CPU (oneDNN, 1.45x faster on our test machine)."""
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.device.type in ("cuda", "cpu") else model
-
-    def start(self, model, optimizer, backbone):
-        """Restore a checkpoint, or measure the random-init kNN baseline. Returns the method's
-        extra state from the checkpoint (queue, centre, ...) or {}."""
-        self.model, self.optimizer, self.backbone = model, optimizer, backbone
-        if self.ckpt is not None:
-            c = self.ckpt
-            model.load_state_dict(c["model"])
-            optimizer.load_state_dict(c["optimizer"])
-            set_rng_state(c["rng"])
-            self.start_epoch, self.history = c["epoch"], c["history"]
-            self.knn_init, self.train_seconds = c["knn_init"], c["train_seconds"]
-            self.epoch_seconds = c.get("epoch_seconds", [])
-            print(f"resumed from {self.args.resume} at epoch {self.start_epoch}", file=sys.stderr)
-            return c.get("extra", {})
-        if self.data.labeled:
-            self.knn_init = knn_top1(backbone, self.data, self.stats)
-            print(f"kNN top-1 of the random-init encoder: {100 * self.knn_init:.2f}%", file=sys.stderr)
-        self.log_path.write_text("")
-        return {}
-
-    def compiled(self, model):
-        return torch.compile(model) if self.args.compile else model
-
-    # --- the loop ----------------------------------------------------------------------
-
-    def batches(self, epoch):
-        """Yield (global step, uint8 batch) for one epoch: a fresh permutation, drop_last."""
-        for step, idx in self._index_batches(epoch):
-            yield step, self.data.train_x[idx]
-
-    def labeled_batches(self, epoch, pool=None):
-        """Yield (global step, uint8 batch, labels) drawn from the training indices `pool`
-        (default: all). The epoch is steps_per_epoch steps whatever the pool's size (fresh
-        permutations of the pool, one after another), so training on 1% of the labels costs
-        the same compute as on all of them."""
-        for step, idx in self._index_batches(epoch, pool):
-            yield step, self.data.train_x[idx], self.data.train_y[idx]
-
-    def _index_batches(self, epoch, pool=None):
-        self._epoch, self._t_epoch = epoch, time.time()
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._std_sum = torch.zeros((), device=self.device)
-        self._n, self._t_print = 0, time.time()
-        self._emb_dim = None
-        self.model.train()
-        B, n = self.args.batch_size, self.steps_per_epoch * self.args.batch_size
-        if pool is None:
-            perm = torch.randperm(self.n_train, device=self.device)
-        else:                                                  # ceil(n / P) permutations of the pool, one row each
-            rounds = -(-n // len(pool))
-            perm = pool[torch.rand(rounds, len(pool), device=pool.device).argsort(1)].flatten()   # (rounds * P,)
-        for i in range(self.steps_per_epoch):
-            yield epoch * self.steps_per_epoch + i, perm[i * B:(i + 1) * B]
-
-    def log_step(self, loss, z):
-        """Accumulate on the device; read back (one sync) only when printing progress."""
-        self._loss_sum += loss.detach().float()
-        self._std_sum += embedding_std(z)
-        self._emb_dim = z.shape[1]
-        self._n += 1
-        now = time.time()
-        if now - self._t_print >= (1.0 if sys.stderr.isatty() else 30.0):
-            self._t_print = now
-            self._progress(now)
-
-    def _progress(self, now, end="\r"):
-        done = self._n / self.steps_per_epoch
-        elapsed = now - self._t_epoch
-        left = (self.args.epochs - self._epoch - done) * elapsed / max(done, 1e-9)
-        ips = self._n * self.args.batch_size / max(elapsed, 1e-9)
-        loss = (self._loss_sum / self._n).item()
-        line = (f"epoch {self._epoch + 1}/{self.args.epochs} {100 * done:3.0f}% loss {loss:.4f} "
-                f"{ips:7.0f} img/s ETA {_hms(left)}")
-        print(line.ljust(72), end=end if sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
-
-    def end_epoch(self, epoch, extra=None):
-        """Close an epoch: check the loss, evaluate, log, checkpoint. `extra` is the method's
-        own state (tensors) to save, such as MoCo's queue."""
-        _sync(self.device)
-        seconds = time.time() - self._t_epoch
-        self.train_seconds += seconds
-        self.epoch_seconds.append(seconds)
-        loss = (self._loss_sum / self._n).item()
-        ckpt_path = self.out / "checkpoint.pt"
-        if not math.isfinite(loss):
-            kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-            raise UserError(f"the loss became {loss} during epoch {epoch + 1}; training stopped and {kept}. "
-                            f"Try a lower --lr, a longer warmup, or --fp32.")
-        std = (self._std_sum / self._n).item()
-        rec = {"epoch": epoch + 1, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-               "emb_std": std, "emb_std_ref": 1 / math.sqrt(self._emb_dim),
-               "seconds": seconds, "images_per_s": self.steps_per_epoch * self.args.batch_size / seconds}
-        last = epoch + 1 == self.args.epochs
-        if self.data.labeled and (last or (self.args.eval_every and (epoch + 1) % self.args.eval_every == 0)):
-            rec["knn_top1"] = knn_top1(self.backbone, self.data, self.stats)
-        self.history.append(rec)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        save_checkpoint({
-            "method": self.method, "args": vars(self.args), "epoch": epoch + 1,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "extra": extra or {}, "rng": rng_state(), "history": self.history,
-            "knn_init": self.knn_init, "train_seconds": self.train_seconds,
-            "epoch_seconds": self.epoch_seconds}, ckpt_path)
-        knn = f" kNN {100 * rec['knn_top1']:.2f}%" if "knn_top1" in rec else ""
-        print(f"epoch {epoch + 1}/{self.args.epochs} loss {loss:.4f} std*sqrt(d) "
-              f"{std * math.sqrt(self._emb_dim):.2f}{knn} {seconds:.1f}s {rec['images_per_s']:.0f} img/s".ljust(72),
-              file=sys.stderr)
-        if std * math.sqrt(self._emb_dim) < 0.2:
-            print(f"warning: embedding std {std:.4f} is far below 1/sqrt(d) = {1 / math.sqrt(self._emb_dim):.4f}: "
-                  f"the embeddings are collapsing toward one point.", file=sys.stderr)
-
-    def finish(self, bench_step=None):
-        """Export the encoder, draw the curves, write summary.json; with --bench, time
-        `bench_step` (the method's training step on fixed tensors) and print the speed table."""
-        save_checkpoint(self.backbone.state_dict(), self.out / "encoder.pt")
-        steady = self.epoch_seconds[1:] or self.epoch_seconds
-        epoch_s = float(np.median(steady))
-        summary = {
-            "method": self.method, "data": self.data.name, "arch": self.args.arch,
-            "epochs": self.args.epochs, "batch_size": self.args.batch_size,
-            "knn_top1": self.history[-1].get("knn_top1"), "knn_top1_init": self.knn_init,
-            "train_seconds": self.train_seconds, "epoch_seconds": epoch_s,
-            "images_per_s": self.steps_per_epoch * self.args.batch_size / epoch_s,
-            "device": device_name(self.device), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), **peak_memory(self.device),
-            "image_size": self.data.image_size, "args": vars(self.args),
-        }
-        if self.args.linear_probe and self.data.labeled:
-            summary["linear_top1"] = linear_probe(self.backbone, self.data, self.stats)
-        if self.args.bench and bench_step is not None:
-            summary.update(measure_bound(bench_step, self.args.batch_size, self.device))
-            summary["bound_ratio"] = epoch_s / (self.steps_per_epoch * self.args.batch_size / summary["bound_images_per_s"])
-        self.write_summary(summary)
-        plot_curves(self.history, self.knn_init, self.out / "curves.png", title=f"{self.method} on {self.data.name}")
-        msg = [f"done: {self.args.epochs} epochs in {_hms(self.train_seconds)}"]
-        if summary["knn_top1"] is not None:
-            msg.append(f"kNN top-1 {100 * summary['knn_top1']:.2f}% (random init {100 * self.knn_init:.2f}%)")
-        if "linear_top1" in summary:
-            msg.append(f"linear probe {100 * summary['linear_top1']:.2f}%")
-        print("; ".join(msg) + f". Outputs in {self.out}", file=sys.stderr)
-        if "bound_ratio" in summary:
-            print(speed_table(summary))
-        return summary
-
-    def write_summary(self, summary):
-        """summary.json; a method may call it again after finish() with results of its own."""
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-    def save_views(self, augments, n=8):
-        """views.png: each row one test (or train) image, then views from each recipe."""
-        src = self.data.test_x if self.data.test_x is not None else self.data.train_x
-        x = src[:n]
-        cols = [F.interpolate(x.float() / 255, size=augments[0].size, mode="nearest")]
-        # A forked RNG: drawing the picture must not change the training run's random
-        # stream, or a resumed run would no longer match an uninterrupted one.
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.cuda else []):
-            for aug in augments:
-                for _ in range(2 if len(augments) > 1 else 4):
-                    v = aug(x, normalize=False)
-                    cols.append(F.interpolate(v, size=augments[0].size, mode="nearest"))
-        grid = torch.stack(cols, 1)                            # (n, cols, 3, S, S)
-        save_grid((grid.clamp(0, 1) * 255).round().byte().cpu(), self.out / "views.png")
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    return str(device)
-
-
-def peak_memory(device):
-    """The run's peak memory in MiB: what PyTorch allocated on the GPU, or on a CPU the
-    process's resident set (weights, data and activations together, so a coarser figure)."""
-    if device.type == "cuda":
-        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20, "memory": "GPU allocated"}
-    try:
-        import resource
-    except ImportError:                                        # Windows
-        return {}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
-    return {"peak_memory_mib": rss / (2**20 if sys.platform == "darwin" else 2**10), "memory": "process RSS"}
-
-
-def _hms(s):
-    s = int(max(0, s))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def measure_bound(step, batch_size, device, warmup=5, steps=20):
-    """Images/s of the training step alone, on inputs already on the device: no indexing,
-    no augmentation. The epoch time cannot beat this; the gap is the data pipeline's cost."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    t0 = time.time()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    dt = (time.time() - t0) / steps
-    return {"bound_step_seconds": dt, "bound_images_per_s": batch_size / dt}
-
-
-def speed_table(s):
-    bound_epoch = s["epoch_seconds"] / s["bound_ratio"]
-    rows = [("", "epoch s", "images/s"),
-            ("full pipeline (steady)", f"{s['epoch_seconds']:.2f}", f"{s['images_per_s']:.0f}"),
-            ("model only (bound)", f"{bound_epoch:.2f}", f"{s['bound_images_per_s']:.0f}"),
-            ("ratio", f"{s['bound_ratio']:.2f}x", "")]
-    head = f"{s['method']} {s['arch']} batch {s['batch_size']} on {s['device']}, {s['date']}"
-    return head + "\n" + "\n".join(f"{a:<24}{b:>10}{c:>12}" for a, b, c in rows)
+def cosine_schedule(step, total, start, end):
+    """From `start` at step 0 to `end` at step `total` along half a cosine: BYOL's EMA momentum
+    tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2 with end 1, DINO's weight decay."""
+    return end - (end - start) * (math.cos(math.pi * min(step / max(1, total), 1.0)) + 1) / 2
 
 
 # ============================================================================================
@@ -1453,14 +991,14 @@ def speed_table(s):
 # ============================================================================================
 
 @torch.no_grad()
-def extract_features(backbone, x, stats, batch_size=1024):
+def extract_features(backbone, x, mean_std, batch_size=1024):
     """x (N, 3, H, W) uint8 -> features (N, D) fp32, in eval mode (BN running statistics)."""
     was_training = backbone.training
     backbone.eval()
     cuda = x.device.type == "cuda"
     feats = []
     for i in range(0, len(x), batch_size):
-        xb = normalize_images(x[i:i + batch_size].float() / 255, *stats)
+        xb = normalize_images(x[i:i + batch_size].float() / 255, *mean_std)
         if cuda:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
@@ -1498,18 +1036,18 @@ def knn_predict(train_f, train_y, test_f, num_classes, k=200, t=0.1, chunk=512):
     return torch.cat(preds)
 
 
-def knn_top1(backbone, data, stats, k=200, t=0.1):
-    train_f = extract_features(backbone, data.train_x, stats)
-    test_f = extract_features(backbone, data.test_x, stats)
+def knn_top1(backbone, data, mean_std, k=200, t=0.1):
+    train_f = extract_features(backbone, data.train_x, mean_std)
+    test_f = extract_features(backbone, data.test_x, mean_std)
     pred = knn_predict(train_f, data.train_y, test_f, len(data.classes), k, t)
     return (pred == data.test_y).float().mean().item()
 
 
-def linear_probe(backbone, data, stats, epochs=100, lr=1e-3, batch_size=256):
+def linear_probe(backbone, data, mean_std, epochs=100, lr=1e-3, batch_size=256):
     """Top-1 of a linear classifier on frozen, standardised features (no augmentation):
     how linearly separable the classes are in the representation."""
-    train_f = extract_features(backbone, data.train_x, stats)
-    test_f = extract_features(backbone, data.test_x, stats)
+    train_f = extract_features(backbone, data.train_x, mean_std)
+    test_f = extract_features(backbone, data.test_x, mean_std)
     mu, sd = train_f.mean(0), train_f.std(0) + 1e-6
     train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -1572,7 +1110,7 @@ def layer_decay(model, rate):
     return lr_scale
 
 
-def fine_tune(backbone, data, stats, epochs, lr=1e-3, batch_size=256, weight_decay=0.05, warmup_epochs=None,
+def fine_tune(backbone, data, mean_std, epochs, lr=1e-3, batch_size=256, weight_decay=0.05, warmup_epochs=None,
               label_smoothing=0.1, layer_decay_rate=0.75, drop_path_rate=0.1, name="fine-tune"):
     """Test top-1 after training the whole encoder plus a linear head with labels, MAE's
     fine-tuning recipe: AdamW (default betas), lr per 256 images with warmup (5 of MAE's 100
@@ -1593,16 +1131,16 @@ def fine_tune(backbone, data, stats, epochs, lr=1e-3, batch_size=256, weight_dec
     groups = param_groups(model, weight_decay, no_decay=("cls_token", "pos_embed"),
                           lr_scale=layer_decay(model, layer_decay_rate) if vit else None)
     optimizer = make_optimizer(groups, "adamw", base_lr)
-    augment = Augment(size=data.image_size, scale=(0.08, 1.0), jitter_p=0.0, gray_p=0.0, mean=stats[0], std=stats[1])
+    augment = Augment(size=data.image_size, scale=(0.08, 1.0), jitter_p=0.0, gray_p=0.0, mean=mean_std[0], std=mean_std[1])
     steps = len(data.train_x) // B
-    warmup = scaled_epochs(5, 100, epochs) if warmup_epochs is None else warmup_epochs
+    warmup = scaled_epochs(warmup_epochs, 5, 100, epochs) * steps
     t0 = time.time()
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(data.train_x), device=device)
         loss_sum = torch.zeros((), device=device)
         for i in range(steps):
-            set_lr(optimizer, cosine_lr(epoch * steps + i, epochs * steps, round(warmup * steps), base_lr))
+            set_lr(optimizer, cosine_lr(epoch * steps + i, epochs * steps, warmup, base_lr, final=1e-6))
             idx = perm[i * B:(i + 1) * B]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 logits = model(augment(data.train_x[idx]))
@@ -1618,7 +1156,7 @@ def fine_tune(backbone, data, stats, epochs, lr=1e-3, batch_size=256, weight_dec
     correct = 0
     with torch.no_grad():
         for i in range(0, len(data.test_x), 1024):
-            x = normalize_images(data.test_x[i:i + 1024].float() / 255, *stats)
+            x = normalize_images(data.test_x[i:i + 1024].float() / 255, *mean_std)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 correct += (model(x).argmax(1) == data.test_y[i:i + 1024]).sum().item()
     return correct / len(data.test_x)
@@ -1639,6 +1177,17 @@ def save_grid(grid, path, scale=3, pad=2):
             canvas[y:y + H, x:x + W] = grid[r, c].permute(1, 2, 0).numpy()
     img = Image.fromarray(canvas)
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+def save_views(augments, images, path, n=8):
+    """views.png: each row one image (uint8, (n, 3, H, W)), then views from each recipe."""
+    x = images[:n]
+    cols = [F.interpolate(x.float() / 255, size=augments[0].size, mode="nearest")]
+    for aug in augments:
+        for _ in range(2 if len(augments) > 1 else 4):
+            cols.append(F.interpolate(aug(x, normalize=False), size=augments[0].size, mode="nearest"))
+    grid = torch.stack(cols, 1)                                # (n, cols, 3, S, S)
+    save_grid((grid.clamp(0, 1) * 255).round().byte().cpu(), path)
 
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14),
@@ -1720,39 +1269,6 @@ def line_plot(panels, path, panel_size=(420, 300)):
     img.save(path)
 
 
-def bar_plot(bars, path, title, xlabel, width=560):
-    """Horizontal bars from 0, one per (label, value) in `bars`, top to bottom, each with its
-    value written at its end; a value of None is drawn as "not run"."""
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    left = 16 + max(probe.textlength(label, font=font) for label, _ in bars)
-    row, T = 22, 30
-    H = T + row * len(bars) + 46
-    img = Image.new("RGB", (width, H), "white")
-    draw = ImageDraw.Draw(img)
-    L, R, B = left, width - 50, T + row * len(bars)
-    values = [v for _, v in bars if v is not None and math.isfinite(v)]
-    xt = nice_ticks(0.0, max(values, default=1.0))
-    sx = lambda v: L + v / xt[-1] * (R - L)
-    draw.text(((L + R) // 2, 8), title, fill="black", font=font, anchor="mt")
-    for v in xt:
-        draw.line((sx(v), T, sx(v), B), fill=(230, 230, 230))
-        draw.line((sx(v), B, sx(v), B + 4), fill="black")
-        draw.text((sx(v), B + 6), f"{v:g}", fill="black", font=font, anchor="mt")
-    for i, (label, v) in enumerate(bars):
-        y = T + row * i
-        draw.text((L - 6, y + row // 2), label, fill="black", font=font, anchor="rm")
-        if v is None or not math.isfinite(v):
-            draw.text((L + 4, y + row // 2), "not run", fill="gray", font=font, anchor="lm")
-            continue
-        draw.rectangle((L, y + 4, sx(v), y + row - 4), fill=PALETTE[0])
-        draw.text((sx(v) + 4, y + row // 2), f"{v:.1f}", fill="black", font=font, anchor="lm")
-    draw.line((L, T, L, B), fill="black")
-    draw.line((L, B, R, B), fill="black")
-    draw.text(((L + R) // 2, H - 12), xlabel, fill="black", font=font, anchor="mm")
-    img.save(path)
-
-
 def plot_curves(history, knn_init, path, title=""):
     """curves.png: loss, kNN top-1 and the collapse monitor, per epoch."""
     ep = [h["epoch"] for h in history]
@@ -1768,3 +1284,421 @@ def plot_curves(history, knn_init, path, title=""):
              series={"embeddings": (ep, [h["emb_std"] / h["emb_std_ref"] for h in history]),
                      "healthy (1)": ([0, ep[-1]], [1.0, 1.0])}),
     ], path)
+
+
+# ============================================================================================
+# 7. A training run
+# The flags every method shares, checkpoints, and `Run`: the output folder, the log,
+# progress and evaluation, so that each method file keeps only its model, its loss and an
+# explicit training loop.
+# ============================================================================================
+
+def _number(cast, ok, what):
+    """An argparse type: a number of type `cast` for which ok(value) holds."""
+    def parse(s):
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a {'whole ' if cast is int else ''}number") from None
+        if not (math.isfinite(v) and ok(v)):
+            raise argparse.ArgumentTypeError(f"{s} must be {what}")
+        return v
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "at least 1")
+nonneg_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
+positive_float = _number(float, lambda v: v > 0, "a positive number")
+nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
+fraction = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+ema_momentum = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def make_parser(description, arch):
+    """A parser with the flags every method takes (data, backbone, run); `--help` shows each
+    default. Each method file adds its own group, --epochs and --batch-size among them."""
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = p.add_argument_group("data")
+    group.add_argument("--data", default="cifar10",
+                       help="'cifar10' (downloaded once into --data-dir), 'shapes' (built in, offline), or a "
+                            "path to an image folder or .tar/.tar.gz with train/ and test/ class subfolders")
+    group.add_argument("--data-dir", default=os.environ.get("SSL_DATA", "data"),
+                       help="where CIFAR-10 and decoded-image caches live ($SSL_DATA if set)")
+    group.add_argument("--image-size", type=positive_int, default=32,
+                       help="side in pixels; folder images of another size are resized and centre-cropped")
+    group.add_argument("--subset", type=nonneg_int, default=0,
+                       help="train on a random N training images (0 = all); for quick runs")
+    group = p.add_argument_group("backbone")
+    group.add_argument("--arch", default=arch, choices=ARCHS, help="backbone network")
+    group.add_argument("--width", type=positive_int, default=64,
+                       help="ResNet base channels (64 is standard; 16 trains ~12x faster on a CPU)")
+    group.add_argument("--patch-size", type=positive_int, default=4, help="ViT patch side in pixels (4 at 32 px)")
+    group = p.add_argument_group("run")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                       help="auto picks cuda, then mps, then cpu")
+    group.add_argument("--fp32", action="store_true", help="disable bf16 autocast on CUDA")
+    group.add_argument("--compile", action="store_true", help="torch.compile the training forward (CUDA)")
+    group.add_argument("--seed", type=int, default=0, help="seeds weights, batches and augmentations")
+    group.add_argument("--out", default=None, help="output folder (default runs/<method>-<date>-<time>)")
+    group.add_argument("--resume", default=None, metavar="PATH",
+                       help="continue from a checkpoint.pt, by default into its folder, up to --epochs")
+    group.add_argument("--eval-every", type=nonneg_int, default=10,
+                       help="kNN every N epochs (0 = only at the end); it always runs at the end")
+    group.add_argument("--linear-probe", action=argparse.BooleanOptionalAction, default=False,
+                       help="also fit a linear probe on frozen features at the end")
+    return p
+
+
+WHERE_FLAGS = {"out", "resume", "device", "compile", "data_dir"}     # where and how it runs, not what
+RESUME_FLAGS = {"epochs", "eval_every", "linear_probe"}              # what a resumed run may change
+
+
+def parse_args(parser, argv, method):
+    """Parse the command line, and with --resume take the run's flags from its checkpoint so
+    that it continues as it started. WHERE_FLAGS come from this command line; RESUME_FLAGS
+    from the checkpoint unless given again; any other flag given with another value is
+    ignored, with a note. Fills in --out. Returns the flags; the caller's parser is unchanged."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    given = {a.dest for a in parser._actions for s in argv for o in a.option_strings
+             if s == o or s.startswith(o + "=")}
+    if args.resume:
+        ckpt = read_checkpoint(Path(args.resume), method)
+        for k, saved in ckpt["args"].items():
+            now = getattr(args, k, saved)
+            if k in WHERE_FLAGS or (k in RESUME_FLAGS and k in given):
+                continue
+            if k in given and now != saved:
+                print(f"note: --{k.replace('_', '-')} {now} ignored; the checkpoint's value {saved} is kept.",
+                      file=sys.stderr)
+            setattr(args, k, saved)
+        if args.epochs <= ckpt["epoch"]:
+            parser.error(f"--resume {args.resume}: the checkpoint already has {ckpt['epoch']} of "
+                         f"--epochs {args.epochs}; pass a larger --epochs to continue")
+    if args.out is None:
+        args.out = str(Path(args.resume).parent) if args.resume else f"runs/{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return args
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch. Use --device cpu or auto.")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps: Apple's MPS backend is not available here. Use --device cpu or auto.")
+    return torch.device(name)
+
+
+def to_device(model, device):
+    """Move a model to the device. channels_last (NHWC) is the layout the fast convolution
+    kernels want, on CUDA (tensor cores) and on CPU (oneDNN, 1.45x faster on our test machine)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type in ("cuda", "cpu") else model
+
+
+def embedding_std(z):
+    """Collapse monitor: mean per-dimension std of L2-normalised embeddings z (N, D). Healthy
+    embeddings spread over the sphere give about 1/sqrt(D); a collapsed encoder gives 0."""
+    return F.normalize(z.detach().float(), dim=1).std(0).mean()
+
+
+def read_checkpoint(path, method):
+    if not path.is_file():
+        raise UserError(f"--resume {path}: no such checkpoint file.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt["args"], ckpt["epoch"]
+    except Exception as e:
+        raise UserError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {e}).") from None
+    if ckpt.get("method") != method:
+        raise UserError(f"--resume {path} is a {ckpt.get('method')} checkpoint, not {method}.")
+    return ckpt
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file of our own (a unique name, created new, never through a
+    symlink), then rename over `path`: a crash, a full disk or a second run never leaves
+    half a file where the last good one was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        raise UserError(f"could not write {path} ({type(e).__name__}: {e}); {kept}. Is the disk full?") from None
+
+
+ACTIVE = {}                     # the run in progress, for run_main's message on Ctrl-C
+
+
+def _is_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                   # alive, but another user's
+        return True
+    return True
+
+
+class Run:
+    """One training run. The method file parses its flags with parse_args, then:
+
+        run = common.Run(args, "simclr")             # the data on the device; nothing written yet
+        ... build the model and the optimizer ...
+        run.start(model, optimizer, backbone)        # the folder; resume, or the random-init kNN
+        for epoch in range(run.start_epoch, args.epochs):
+            for step, idx in run.batches(epoch):      # idx: (B,) indices into run.data.train_x
+                ... augment, forward, loss, backward, optimizer step ...
+                run.log_step(loss, embeddings)        # accumulated on the device: no host sync
+            run.end_epoch(epoch)                      # checks, kNN, checkpoint, log line
+        run.finish()                                  # encoder.pt, curves.png, summary.json
+
+    It reads the flags of make_parser and the method's --epochs and --batch-size, and
+    changes none of them. Method state (MoCo's queue, DINO's centre) lives in the model's
+    buffers, so the checkpoint's state_dict carries it."""
+
+    def __init__(self, args, method):
+        self.args, self.method = args, method
+        self.device = pick_device(args.device)
+        self.out = Path(args.out)
+        if not args.resume and (self.out / "checkpoint.pt").exists():
+            raise UserError(f"--out {self.out} already holds a run (checkpoint.pt). Continue it with "
+                            f"--resume {self.out / 'checkpoint.pt'}, or choose another --out.")
+        torch.manual_seed(args.seed)
+        t0 = time.time()
+        data = load_data(args.data, args.data_dir, args.image_size, args.subset, args.seed)
+        self.mean_std = data.mean_std()                   # (mean, std) per channel, to normalise
+        self.data = data.to(self.device)
+        self.steps_per_epoch = len(data.train_x) // args.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.train_x)} training "
+                            f"images; lower it.")
+        self.total_steps = self.steps_per_epoch * args.epochs
+        if args.linear_probe and not data.labeled:
+            print("note: --linear-probe needs labels on a train and a test split; there is none.", file=sys.stderr)
+        print(f"{method}: {len(data.train_x)} training images from {data.name} "
+              f"({'labeled' if data.labeled else 'unlabeled, no kNN'}), loaded in {time.time() - t0:.1f}s, "
+              f"device {self.device}, output {self.out}", file=sys.stderr)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # One autocast context, chosen once: bf16 on CUDA (the matrix units' fast type, fp32's range).
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and not args.fp32 else nullcontext()
+        self.history, self.knn_init, self.train_seconds, self.start_epoch = [], None, 0.0, 0
+        self.checkpoints = 0                                   # written by this process
+
+    def start(self, model, optimizer, backbone):
+        """Claim the output folder, then restore the checkpoint or measure the random-init kNN.
+        Nothing is written before this, so bad input leaves no folder behind."""
+        self.model, self.optimizer, self.backbone = model, optimizer, backbone
+        self._claim_folder()
+        if self.args.resume:
+            c = read_checkpoint(Path(self.args.resume), self.method)
+            model.load_state_dict(c["model"])
+            optimizer.load_state_dict(c["optimizer"])
+            torch.set_rng_state(c["rng"]["torch"])
+            if "cuda" in c["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(c["rng"]["cuda"])
+            self.start_epoch, self.history, self.knn_init = c["epoch"], c["history"], c["knn_init"]
+            self.train_seconds, self.weight_norm_init = c["train_seconds"], c["weight_norm_init"]
+            print(f"resumed from {self.args.resume} at epoch {self.start_epoch}", file=sys.stderr)
+        else:
+            self.weight_norm_init = self._weight_norm()
+            if self.data.labeled:
+                self.knn_init = knn_top1(backbone, self.data, self.mean_std)
+                print(f"kNN top-1 of the random-init encoder: {100 * self.knn_init:.2f}%", file=sys.stderr)
+        # The checkpoint is the source of truth: the log is rewritten from its history.
+        (self.out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
+
+    def _claim_folder(self):
+        """Create the folder and an exclusive lock file in it, holding our pid (O_EXCL: only one
+        process can create it), removed at exit. A second run into the same folder stops."""
+        self.created = not self.out.exists()
+        lock = self.out / ".lock"
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pid = int(lock.read_text() or 0)
+                if pid != os.getpid() and _is_running(pid):
+                    raise UserError(f"--out {self.out} is in use by another run (process {pid}); wait for it "
+                                    f"to finish or choose another --out.") from None
+                lock.unlink()                                  # left by a run that was killed
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as e:
+            raise UserError(f"--out {self.out}: cannot write there ({type(e).__name__}: {e}).") from None
+        atexit.register(self._release)
+        ACTIVE["run"] = self
+
+    def _release(self):
+        """At exit: drop the lock; a run stopped before its first checkpoint leaves no litter."""
+        if not self.args.resume and self.checkpoints == 0:
+            for name in ("views.png", "log.jsonl"):
+                (self.out / name).unlink(missing_ok=True)
+        lock = self.out / ".lock"
+        if lock.exists() and lock.read_text() == str(os.getpid()):
+            lock.unlink()
+        if self.created and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
+
+    def _weight_norm(self):
+        return torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in self.model.parameters()]))
+
+    def batches(self, epoch, order=None):
+        """Yield (global step, indices (B,)) for one epoch, drop_last. `order`: the images to
+        visit, at least steps_per_epoch * B indices (default: a fresh permutation of all)."""
+        self.model.train()
+        self._epoch, self._t0, self._t_print, self._n = epoch, time.time(), time.time(), 0
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._std_sum = torch.zeros((), device=self.device)
+        B = self.args.batch_size
+        order = torch.randperm(len(self.data.train_x), device=self.device) if order is None else order
+        for i in range(self.steps_per_epoch):
+            yield epoch * self.steps_per_epoch + i, order[i * B:(i + 1) * B]
+
+    def log_step(self, loss, embeddings):
+        """Accumulate the loss and the collapse monitor of `embeddings` (N, D) on the device;
+        read them back (one sync) only when printing progress."""
+        self._loss_sum += loss.detach().float()
+        self._std_sum += embedding_std(embeddings)
+        self._dim, self._n = embeddings.shape[1], self._n + 1
+        if time.time() - self._t_print >= (1.0 if sys.stderr.isatty() else 30.0):
+            self._t_print = time.time()
+            done, elapsed = self._n / self.steps_per_epoch, time.time() - self._t0
+            left = (self.args.epochs - self._epoch - done) * elapsed / done
+            line = (f"epoch {self._epoch + 1}/{self.args.epochs} {100 * done:3.0f}% loss "
+                    f"{(self._loss_sum / self._n).item():.4f} {self._n * self.args.batch_size / elapsed:7.0f} "
+                    f"img/s ETA {_hms(left)}")
+            print(line.ljust(72), end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
+
+    def end_epoch(self, epoch):
+        """Stop on a diverged model (the last good checkpoint is kept), evaluate when due, then
+        write the checkpoint and, after it, the log line."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - self._t0
+        loss, std = (self._loss_sum / self._n).item(), (self._std_sum / self._n).item()
+        growth = (self._weight_norm() / self.weight_norm_init).item()
+        if not (math.isfinite(loss) and math.isfinite(growth) and growth < 1e3):
+            ckpt = self.out / "checkpoint.pt"
+            kept = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
+            what = f"the loss became {loss}" if not math.isfinite(loss) else \
+                f"the weights diverged (their norm grew {growth:.3g}x since the start)"
+            raise UserError(f"{what} during epoch {epoch + 1}; training stopped and {kept}. Try a lower "
+                            f"--lr, a longer --warmup-epochs, or --fp32.")
+        self.train_seconds += seconds
+        rec = {"epoch": epoch + 1, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+               "emb_std": std, "emb_std_ref": 1 / math.sqrt(self._dim), "weight_norm_growth": growth,
+               "seconds": seconds, "images_per_s": self.steps_per_epoch * self.args.batch_size / seconds}
+        every = self.args.eval_every
+        if self.data.labeled and (epoch + 1 == self.args.epochs or (every and (epoch + 1) % every == 0)):
+            rec["knn_top1"] = knn_top1(self.backbone, self.data, self.mean_std)
+        self.history.append(rec)
+        rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
+        save_atomic({"method": self.method, "args": vars(self.args), "epoch": epoch + 1,
+                     "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng,
+                     "history": self.history, "knn_init": self.knn_init, "train_seconds": self.train_seconds,
+                     "weight_norm_init": self.weight_norm_init}, self.out / "checkpoint.pt")
+        self.checkpoints += 1
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        knn = f" kNN {100 * rec['knn_top1']:.2f}%" if "knn_top1" in rec else ""
+        print(f"epoch {epoch + 1}/{self.args.epochs} loss {loss:.4f} std*sqrt(d) {std * math.sqrt(self._dim):.2f}"
+              f"{knn} {seconds:.1f}s {rec['images_per_s']:.0f} img/s".ljust(72), file=sys.stderr)
+        if std * math.sqrt(self._dim) < 0.2:
+            print(f"warning: embedding std {std:.4f} is far below 1/sqrt(d) = {1 / math.sqrt(self._dim):.4f}: "
+                  f"the embeddings are collapsing toward one point.", file=sys.stderr)
+
+    def save_views(self, augments, n=8):
+        """views.png: each row one test (or train) image, then views from each recipe."""
+        src = self.data.test_x if self.data.test_x is not None else self.data.train_x
+        # A forked RNG: drawing the picture must not change the training run's random stream.
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.device.type == "cuda" else []):
+            save_views(augments, src[:n], self.out / "views.png")
+
+    def finish(self):
+        """Export the encoder, fit the linear probe if asked, write summary.json and curves.png."""
+        save_atomic(self.backbone.state_dict(), self.out / "encoder.pt")
+        steady = [h["seconds"] for h in self.history[1:]] or [h["seconds"] for h in self.history]
+        epoch_s = float(np.median(steady))
+        summary = {
+            "method": self.method, "data": self.data.name, "arch": self.args.arch, "epochs": self.args.epochs,
+            "batch_size": self.args.batch_size, "knn_top1": self.history[-1].get("knn_top1"),
+            "knn_top1_init": self.knn_init, "train_seconds": self.train_seconds, "epoch_seconds": epoch_s,
+            "images_per_s": self.steps_per_epoch * self.args.batch_size / epoch_s,
+            "device": device_name(self.device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            **peak_memory(self.device), "image_size": self.data.image_size, "args": vars(self.args)}
+        if self.args.linear_probe and self.data.labeled:
+            summary["linear_top1"] = linear_probe(self.backbone, self.data, self.mean_std)
+        write_json(summary, self.out / "summary.json")
+        plot_curves(self.history, self.knn_init, self.out / "curves.png", title=f"{self.method} on {self.data.name}")
+        msg = [f"done: {self.args.epochs} epochs in {_hms(self.train_seconds)}"]
+        if summary["knn_top1"] is not None:
+            msg.append(f"kNN top-1 {100 * summary['knn_top1']:.2f}% (random init {100 * self.knn_init:.2f}%)")
+        if "linear_top1" in summary:
+            msg.append(f"linear probe {100 * summary['linear_top1']:.2f}%")
+        print("; ".join(msg) + f". Outputs in {self.out}", file=sys.stderr)
+        return summary
+
+
+def write_json(obj, path):
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def peak_memory(device):
+    """The run's peak memory in MiB: what PyTorch allocated on the GPU, or on a CPU the
+    process's resident set (weights, data and activations together, so a coarser figure)."""
+    if device.type == "cuda":
+        return {"peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20, "memory": "GPU allocated"}
+    try:
+        import resource
+    except ImportError:                                        # Windows
+        return {}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
+    return {"peak_memory_mib": rss / (2**20 if sys.platform == "darwin" else 2**10), "memory": "process RSS"}
+
+
+def _hms(s):
+    s = int(max(0, s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def run_main(main):
+    """Run a script's main(): a problem with the input becomes a one-paragraph message and exit
+    code 2, never a traceback; Ctrl-C says what there is to resume."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        ckpt = ACTIVE["run"].out / "checkpoint.pt" if ACTIVE.get("run") else None
+        if ckpt is not None and ckpt.exists():
+            epoch = torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"]
+            print(f"\ninterrupted. The last checkpoint is {ckpt} (epoch {epoch}); continue with: python "
+                  f"{Path(sys.argv[0]).name} --resume {ckpt}", file=sys.stderr)
+        else:
+            print("\ninterrupted before the first checkpoint: nothing to resume.", file=sys.stderr)
+        sys.exit(130)

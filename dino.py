@@ -29,7 +29,6 @@ Run:
 Result: CIFAR-10 on a GPU not yet measured (no GPU was available to the session that wrote it).
 """
 
-import argparse
 import copy
 import math
 
@@ -53,49 +52,48 @@ RECIPE_EPOCHS = 300             # the length of the cited recipe; shorter runs s
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description="DINO self-supervised pretraining.")
-    common.add_common_args(p, arch="vit_tiny")
-    g = p.add_argument_group("DINO")
-    g.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
-    g.add_argument("--batch-size", type=common.positive_int, default=512, help="images per step")
-    g.add_argument("--lr", type=common.positive_float, default=5e-4,
-                   help="base learning rate per 256 images (scaled linearly with --batch-size)")
-    g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
-                   help="AdamW for ViTs, as in the paper")
-    g.add_argument("--weight-decay", type=common.nonneg_float, default=0.04, help="weight decay at the start ...")
-    g.add_argument("--weight-decay-end", type=common.nonneg_float, default=0.4,
-                   help="... rising to this on a cosine")
-    g.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
-                   help="linear LR warmup, in epochs (default: the recipe's 10 of 300, the same fraction "
-                        "of a shorter run)")
-    g.add_argument("--momentum", type=common.ema_momentum, default=0.996,
-                   help="the teacher's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine")
-    g.add_argument("--student-temp", type=common.positive_float, default=0.1, help="T_s")
-    g.add_argument("--teacher-temp", type=common.positive_float, default=0.07,
-                   help="T_t after warmup; lower is sharper")
-    g.add_argument("--warmup-teacher-temp", type=common.positive_float, default=0.04,
-                   help="T_t at step 0: a very sharp teacher early on keeps the start from collapsing")
-    g.add_argument("--warmup-teacher-temp-epochs", type=common.nonneg_float, default=None,
-                   help="epochs of linear rise from --warmup-teacher-temp to --teacher-temp (default: "
-                        "the recipe's 30 of 300, the same fraction of a shorter run)")
-    g.add_argument("--center-momentum", type=common.ema_momentum, default=0.9, help="EMA momentum of the centre c")
-    g.add_argument("--local-crops", type=common.nonneg_int, default=6,
-                   help="M small crops per image, seen by the student only (the paper's 8 at ImageNet "
-                        "size; fewer here, as each costs a forward and backward pass)")
-    g.add_argument("--local-size", type=common.positive_int, default=None,
-                   help="side of a local crop in pixels (default: half of --image-size, 16 at 32 px; the "
-                        "paper's 96 of 224)")
-    g.add_argument("--clip-grad", type=common.nonneg_float, default=3.0,
-                   help="max gradient norm of each parameter tensor (0: no clipping)")
-    g.add_argument("--drop-path", type=common.nonneg_float, default=0.1,
-                   help="stochastic depth of the student ViT (the teacher has none)")
-    g.add_argument("--freeze-last-layer", type=common.nonneg_float, default=None,
-                   help="epochs during which the head's last layer is not updated, which stabilises the start "
-                        "(default: the recipe's 1 of 300, the same fraction of a shorter run)")
-    g.add_argument("--head-hidden", type=common.positive_int, default=2048, help="head MLP width")
-    g.add_argument("--head-bottleneck", type=common.positive_int, default=256, help="L2-normalised bottleneck")
-    g.add_argument("--out-dim", type=common.positive_int, default=4096,
-                   help="K, prototypes (the paper's 65536 is for ImageNet's 1000 classes)")
+    p = common.make_parser("DINO self-supervised pretraining.", arch="vit_tiny")
+    group = p.add_argument_group("DINO")
+    group.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
+    group.add_argument("--batch-size", type=common.positive_int, default=512, help="images per step")
+    group.add_argument("--lr", type=common.positive_float, default=5e-4,
+                       help="base learning rate per 256 images (scaled linearly with --batch-size)")
+    group.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
+                       help="AdamW for ViTs, as in the paper")
+    group.add_argument("--weight-decay", type=common.nonneg_float, default=0.04, help="weight decay at the start ...")
+    group.add_argument("--weight-decay-end", type=common.nonneg_float, default=0.4,
+                       help="... rising to this on a cosine")
+    group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
+                       help="linear LR warmup, in epochs (default: the recipe's 10 of 300, the same fraction "
+                            "of a shorter run)")
+    group.add_argument("--momentum", type=common.ema_momentum, default=0.996,
+                       help="the teacher's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine")
+    group.add_argument("--student-temp", type=common.positive_float, default=0.1, help="T_s")
+    group.add_argument("--teacher-temp", type=common.positive_float, default=0.07,
+                       help="T_t after warmup; lower is sharper")
+    group.add_argument("--warmup-teacher-temp", type=common.positive_float, default=0.04,
+                       help="T_t at step 0: a very sharp teacher early on keeps the start from collapsing")
+    group.add_argument("--warmup-teacher-temp-epochs", type=common.nonneg_float, default=None,
+                       help="epochs of linear rise from --warmup-teacher-temp to --teacher-temp (default: "
+                            "the recipe's 30 of 300, the same fraction of a shorter run)")
+    group.add_argument("--center-momentum", type=common.ema_momentum, default=0.9, help="EMA momentum of the centre c")
+    group.add_argument("--local-crops", type=common.nonneg_int, default=6,
+                       help="M small crops per image, seen by the student only (the paper's 8 at ImageNet "
+                            "size; fewer here, as each costs a forward and backward pass)")
+    group.add_argument("--local-size", type=common.positive_int, default=None,
+                       help="side of a local crop in pixels (default: half of --image-size, 16 at 32 px; the "
+                            "paper's 96 of 224)")
+    group.add_argument("--clip-grad", type=common.nonneg_float, default=3.0,
+                       help="max gradient norm of each parameter tensor (0: no clipping)")
+    group.add_argument("--drop-path", type=common.nonneg_float, default=0.1,
+                       help="stochastic depth of the student ViT (the teacher has none)")
+    group.add_argument("--freeze-last-layer", type=common.nonneg_float, default=None,
+                       help="epochs during which the head's last layer is not updated, which stabilises the start "
+                            "(default: the recipe's 1 of 300, the same fraction of a shorter run)")
+    group.add_argument("--head-hidden", type=common.positive_int, default=2048, help="head MLP width")
+    group.add_argument("--head-bottleneck", type=common.positive_int, default=256, help="L2-normalised bottleneck")
+    group.add_argument("--out-dim", type=common.positive_int, default=4096,
+                       help="K, prototypes (the paper's 65536 is for ImageNet's 1000 classes)")
     return p
 
 
@@ -103,14 +101,14 @@ def make_parser():
 # Augmentation: multi-crop
 # ============================================================================================
 
-def dino_augments(stats, size, local_size, local_crops):
+def dino_augments(mean_std, size, local_size, local_crops):
     """The paper's DataAugmentationDINO. Both global views: crops of 40-100% of the area
     (14-100% when there are no local crops, as its README advises), flip, colour jitter
     0.4, 0.4, 0.2, 0.1 with p 0.8, grayscale p 0.2; blur p 1.0 on the first, p 0.1 and
     solarisation p 0.2 on the second. Local views: crops of 5-40% at local_size, blur p 0.5."""
     view = lambda crop_size, scale, blur_p, solarize_p=0.0: common.Augment(
         crop_size, scale=scale, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=blur_p,
-        solarize_p=solarize_p, mean=stats[0], std=stats[1])
+        solarize_p=solarize_p, mean=mean_std[0], std=mean_std[1])
     global_scale = (0.4, 1.0) if local_crops else (0.14, 1.0)
     return (view(size, global_scale, 1.0), view(size, global_scale, 0.1, 0.2),
             view(local_size, (0.05, 0.4), 0.5))
@@ -211,12 +209,12 @@ def clip_gradients(params, max_norm):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, global_crops, local_crops, teacher_temp, momentum, args, run,
+def train_step(model, optimizer, global_crops, local_crops, teacher_temp, momentum, args, autocast,
                freeze_last_layer=False):
-    """Returns the loss and the student's global logits (for the collapse monitor). The
-    teacher and the centre follow the student after the step."""
+    """Returns the loss and the student's logits for the first global crops (for the collapse
+    monitor). The teacher and the centre follow the student after the step."""
     B = global_crops.shape[0] // 2
-    with run.autocast():
+    with autocast:
         s, t = model(global_crops, local_crops)                # (S*B, K), (2B, K)
         s = s.view(-1, B, s.shape[-1])                         # (S, B, K)
         t = t.view(2, B, t.shape[-1])                          # (2, B, K)
@@ -247,13 +245,13 @@ def last_attention(vit, x):
 
 
 @torch.no_grad()
-def save_attention(vit, images, stats, path):
+def save_attention(vit, images, mean_std, path):
     """attention.png: each row one image, then for each head of the last block the [CLS]
     token's attention over the patches, upsampled to the image and laid over it (bright =
     attended). Without any label, heads come to attend to the object."""
     was_training = vit.training
     vit.eval()
-    x = common.normalize_images(images.float() / 255, *stats)
+    x = common.normalize_images(images.float() / 255, *mean_std)
     attn = last_attention(vit, x)[:, :, 0, 1:].float()         # (n, heads, L): [CLS] -> each patch
     n, heads, L = attn.shape
     g, S = math.isqrt(L), images.shape[-1]
@@ -275,57 +273,51 @@ def save_attention(vit, images, stats, path):
 
 def main(argv=None):
     parser = make_parser()
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv, "dino")
     local_size = args.local_size or max(1, args.image_size // 2)
     if args.local_crops and local_size > args.image_size:
         parser.error(f"--local-size {local_size} is larger than --image-size {args.image_size}: a local crop "
                      f"is a small part of the image")
     if args.arch.startswith("vit") and args.local_crops and local_size % args.patch_size:
         parser.error(f"--local-size {local_size} is not a multiple of --patch-size {args.patch_size}")
-    run = common.Run(args, "dino", parser)
+    run = common.Run(args, "dino")
 
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size,
                                      drop_path=args.drop_path)
-    model = run.prepare(DINO(backbone, args.head_hidden, args.head_bottleneck, args.out_dim))
+    model = common.to_device(DINO(backbone, args.head_hidden, args.head_bottleneck, args.out_dim), run.device)
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)
-    # Schedules keep the recipe's length in epochs, or shrink with a shorter run.
-    scaled = lambda flag, recipe: common.scaled_epochs(recipe, RECIPE_EPOCHS, args.epochs) if flag is None else flag
-    warmup_steps = round(scaled(args.warmup_epochs, 10) * run.steps_per_epoch)
-    warmup_temp_steps = round(scaled(args.warmup_teacher_temp_epochs, 30) * run.steps_per_epoch)
-    frozen_steps = round(scaled(args.freeze_last_layer, 1) * run.steps_per_epoch)
+    # Schedules, in steps: the recipe's length in epochs, or the same fraction of a shorter run.
+    steps = lambda flag, value: common.scaled_epochs(flag, value, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
+    warmup, warmup_temp, frozen = steps(args.warmup_epochs, 10), steps(args.warmup_teacher_temp_epochs, 30), \
+        steps(args.freeze_last_layer, 1)
     teacher_backbone = model.teacher[0]                        # evaluated and exported: the better of the two
     run.start(model, optimizer, teacher_backbone)
-    global1, global2, local = dino_augments(run.stats, run.data.image_size, local_size, args.local_crops)
+    global1, global2, local = dino_augments(run.mean_std, run.data.image_size, local_size, args.local_crops)
     run.save_views([global1, global2, local])
-    forward = run.compiled(model)
-
-    def crops(x):                                              # x: (B, 3, H, W) uint8
-        g = torch.cat([global1(x), global2(x)])                # (2B, 3, H, W)
-        loc = local(x.repeat(args.local_crops, 1, 1, 1)) if args.local_crops else None   # (MB, 3, h, w)
-        return g, loc
+    train_model = torch.compile(model) if args.compile else model
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, x in run.batches(epoch):                     # x: (B, 3, H, W) uint8
-            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup_steps, base_lr, final=1e-6))
-            wd = args.weight_decay_end - (args.weight_decay_end - args.weight_decay) * \
-                (1 + math.cos(math.pi * step / run.total_steps)) / 2
-            for group in optimizer.param_groups:
-                if group["decay"]:                             # the matrices' groups; biases and norms stay at 0
-                    group["weight_decay"] = wd
-            temp = teacher_temperature(step, warmup_temp_steps, args.warmup_teacher_temp, args.teacher_temp)
-            momentum = common.cosine_momentum(step, run.total_steps, args.momentum)
-            g, loc = crops(x)
-            loss, z = train_step(forward, optimizer, g, loc, temp, momentum, args, run,
-                                 freeze_last_layer=step < frozen_steps)
-            run.log_step(loss, z)
+        for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr, final=1e-6))
+            for group in optimizer.param_groups:               # the matrices' weight decay rises; 0 elsewhere
+                if group["decay"]:
+                    group["weight_decay"] = common.cosine_schedule(step, run.total_steps, args.weight_decay,
+                                                                   args.weight_decay_end)
+            temp = teacher_temperature(step, warmup_temp, args.warmup_teacher_temp, args.teacher_temp)
+            momentum = common.cosine_schedule(step, run.total_steps, args.momentum, 1.0)
+            x = run.data.train_x[idx]                          # (B, 3, H, W) uint8, on the device
+            global_crops = torch.cat([global1(x), global2(x)])   # (2B, 3, H, W)
+            local_crops = local(x.repeat(args.local_crops, 1, 1, 1)) if args.local_crops else None   # (MB, 3, h, w)
+            loss, s1 = train_step(train_model, optimizer, global_crops, local_crops, temp, momentum, args,
+                                  run.autocast, freeze_last_layer=step < frozen)
+            run.log_step(loss, s1)
         run.end_epoch(epoch)
 
     if isinstance(teacher_backbone, common.ViT):
         src = run.data.test_x if run.data.test_x is not None else run.data.train_x
-        save_attention(teacher_backbone, src[:8], run.stats, run.out / "attention.png")
-    g, loc = crops(run.data.train_x[:args.batch_size])
-    run.finish(bench_step=lambda: train_step(forward, optimizer, g, loc, args.teacher_temp, args.momentum, args, run))
+        save_attention(teacher_backbone, src[:8], run.mean_std, run.out / "attention.png")
+    run.finish()
 
 
 if __name__ == "__main__":

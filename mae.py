@@ -51,31 +51,30 @@ import common
 RECIPE_EPOCHS = 800             # the length of the cited recipe; shorter runs scale its schedules
 
 def make_parser():
-    p = argparse.ArgumentParser(description="MAE self-supervised pretraining.")
-    common.add_common_args(p, arch="vit_tiny")
-    g = p.add_argument_group("MAE")
-    g.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
-    g.add_argument("--batch-size", type=common.positive_int, default=512, help="images per step")
-    g.add_argument("--lr", type=common.positive_float, default=1.5e-4,
-                   help="base learning rate per 256 images (scaled linearly with --batch-size)")
-    g.add_argument("--weight-decay", type=common.nonneg_float, default=0.05,
-                   help="AdamW weight decay on weight matrices")
-    g.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
-                   help="linear LR warmup, in epochs (default: the recipe's 40 of 800, the same fraction "
-                        "of a shorter run)")
-    g.add_argument("--mask-ratio", type=float, default=0.75,
-                   help="fraction of patches hidden, in (0, 1); the paper's sweet spot is 0.75")
-    g.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="targets are each patch's pixels normalised by that patch's mean and std "
-                        "(the paper: better representations); --no-norm-pix-loss predicts raw pixels")
-    g.add_argument("--decoder-dim", type=common.positive_int, default=128, help="decoder width")
-    g.add_argument("--decoder-depth", type=common.positive_int, default=4, help="decoder blocks")
-    g.add_argument("--decoder-heads", type=common.positive_int, default=4, help="decoder attention heads")
-    g.add_argument("--finetune-epochs", type=common.nonneg_int, default=100,
-                   help="after pretraining, fine-tune the encoder and a from-scratch ViT for this many "
-                        "epochs each (0: skip)")
-    g.add_argument("--finetune-lr", type=common.positive_float, default=1e-3,
-                   help="fine-tuning AdamW learning rate per 256 images (the paper's base rate)")
+    p = common.make_parser("MAE self-supervised pretraining.", arch="vit_tiny")
+    group = p.add_argument_group("MAE")
+    group.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
+    group.add_argument("--batch-size", type=common.positive_int, default=512, help="images per step")
+    group.add_argument("--lr", type=common.positive_float, default=1.5e-4,
+                       help="base learning rate per 256 images (scaled linearly with --batch-size)")
+    group.add_argument("--weight-decay", type=common.nonneg_float, default=0.05,
+                       help="AdamW weight decay on weight matrices")
+    group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
+                       help="linear LR warmup, in epochs (default: the recipe's 40 of 800, the same fraction "
+                            "of a shorter run)")
+    group.add_argument("--mask-ratio", type=float, default=0.75,
+                       help="fraction of patches hidden, in (0, 1); the paper's sweet spot is 0.75")
+    group.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
+                       help="targets are each patch's pixels normalised by that patch's mean and std "
+                            "(the paper: better representations); --no-norm-pix-loss predicts raw pixels")
+    group.add_argument("--decoder-dim", type=common.positive_int, default=128, help="decoder width")
+    group.add_argument("--decoder-depth", type=common.positive_int, default=4, help="decoder blocks")
+    group.add_argument("--decoder-heads", type=common.positive_int, default=4, help="decoder attention heads")
+    group.add_argument("--finetune-epochs", type=common.nonneg_int, default=100,
+                       help="after pretraining, fine-tune the encoder and a from-scratch ViT for this many "
+                            "epochs each (0: skip)")
+    group.add_argument("--finetune-lr", type=common.positive_float, default=1e-3,
+                       help="fine-tuning AdamW learning rate per 256 images (the paper's base rate)")
     p.set_defaults(linear_probe=True)                          # part of MAE's story: on by default
     return p
 
@@ -231,8 +230,9 @@ def mae_loss(pred, target, mask):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, imgs, args, run):
-    with run.autocast():
+def train_step(model, optimizer, imgs, args, autocast):
+    """Returns the loss and the encoder's [CLS] feature (for the collapse monitor)."""
+    with autocast:
         pred, mask, cls = model(imgs, args.mask_ratio)         # (B, L, p*p*3), (B, L), (B, D)
         loss = mae_loss(pred, patch_targets(imgs, args.patch_size, args.norm_pix_loss), mask)
     optimizer.zero_grad(set_to_none=True)
@@ -246,7 +246,7 @@ def train_step(model, optimizer, imgs, args, run):
 # ============================================================================================
 
 @torch.no_grad()
-def save_reconstructions(model, images, stats, args, path):
+def save_reconstructions(model, images, mean_std, args, path):
     """reconstructions.png: each row one image, then the masked input (hidden patches grey),
     then the reconstruction with the visible patches pasted back. With --norm-pix-loss the
     model predicts each patch up to its brightness and contrast; for display the prediction
@@ -254,7 +254,7 @@ def save_reconstructions(model, images, stats, args, path):
     was_training = model.training
     model.eval()
     p = args.patch_size
-    x = common.normalize_images(images.float() / 255, *stats)
+    x = common.normalize_images(images.float() / 255, *mean_std)
     pred, mask, _ = model(x, args.mask_ratio)                  # (n, L, p*p*3), (n, L)
     pred = pred.float()
     target = patchify(x, p)                                    # (n, L, p*p*3), normalised pixels
@@ -262,9 +262,9 @@ def save_reconstructions(model, images, stats, args, path):
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         pred = pred * (var + 1e-6) ** 0.5 + mean
     m = mask.unsqueeze(-1)                                     # (n, L, 1)
-    mean_c, std_c = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in stats)
+    mean_c, std_c = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in mean_std)
     to_pixels = lambda t: (unpatchify(t, p) * std_c + mean_c).clamp(0, 1)   # back to [0, 1] images
-    grey = common.normalize_images(torch.full_like(x, 0.5), *stats)
+    grey = common.normalize_images(torch.full_like(x, 0.5), *mean_std)
     masked = to_pixels(target * (1 - m) + patchify(grey, p) * m)
     pasted = to_pixels(target * (1 - m) + pred * m)
     grid = torch.stack([images.float() / 255, masked, pasted], 1)   # (n, 3, 3, S, S)
@@ -278,7 +278,7 @@ def save_reconstructions(model, images, stats, args, path):
 
 def main(argv=None):
     parser = make_parser()
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv, "mae")
     if not 0 < args.mask_ratio < 1:
         parser.error(f"--mask-ratio {args.mask_ratio}: must be in (0, 1)")
     if not args.arch.startswith("vit"):
@@ -290,54 +290,43 @@ def main(argv=None):
     if int(L * (1 - args.mask_ratio)) < 1:
         parser.error(f"--mask-ratio {args.mask_ratio} leaves no visible patch out of the {L} patches of a "
                      f"{args.image_size} px image cut into {args.patch_size} px patches")
-    run = common.Run(args, "mae", parser)
+    run = common.Run(args, "mae")
 
     encoder = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
-    model = run.prepare(MAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads))
+    model = common.to_device(MAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads), run.device)
     base_lr = args.lr * args.batch_size / 256
     # Tokens get no weight decay (timm's no_weight_decay list); the fixed positions are not trained at all.
     groups = common.param_groups(model, args.weight_decay, no_decay=("cls_token", "mask_token"))
     optimizer = common.make_optimizer(groups, "adamw", base_lr, betas=(0.9, 0.95))
-    warmup = common.scaled_epochs(40, RECIPE_EPOCHS, args.epochs) if args.warmup_epochs is None else args.warmup_epochs
+    warmup = common.scaled_epochs(args.warmup_epochs, 40, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
     run.start(model, optimizer, model.encoder)
     # Crops of 20-100% of the area (bicubic) and flips, nothing else: the masking is the hard part.
     augment = common.Augment(run.data.image_size, scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0,
-                             mean=run.stats[0], std=run.stats[1])
+                             mean=run.mean_std[0], std=run.mean_std[1])
     run.save_views([augment])
-    forward = run.compiled(model)
+    train_model = torch.compile(model) if args.compile else model
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, x in run.batches(epoch):                     # x: (B, 3, H, W) uint8
-            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, round(warmup * run.steps_per_epoch),
-                                                      base_lr))
-            loss, z = train_step(forward, optimizer, augment(x), args, run)
-            run.log_step(loss, z)
+        for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
+            x = augment(run.data.train_x[idx])                 # (B, 3, H, W) fp32
+            loss, cls = train_step(train_model, optimizer, x, args, run.autocast)
+            run.log_step(loss, cls)
         run.end_epoch(epoch)
 
     src = run.data.test_x if run.data.test_x is not None else run.data.train_x
-    save_reconstructions(model, src[:8], run.stats, args, run.out / "reconstructions.png")
-    x = augment(run.data.train_x[:args.batch_size])
-    summary = run.finish(bench_step=lambda: train_step(forward, optimizer, x, args, run))
-    if args.bench:                                             # the paper's speed-up: 25% of the tokens
-        all_visible = copy.copy(args)
-        all_visible.mask_ratio = 1 / L                         # int(L (1 - 1/L)) = L - 1 patches encoded
-        full = common.measure_bound(lambda: train_step(forward, optimizer, x, all_visible, run),
-                                    args.batch_size, run.device)
-        summary["bound_images_per_s_all_tokens"] = full["bound_images_per_s"]
-        print(f"MAE step with {int(L * (1 - args.mask_ratio))} of {L} patches encoded: "
-              f"{summary['bound_images_per_s']:.0f} images/s; with {L - 1} of {L}: "
-              f"{full['bound_images_per_s']:.0f} images/s "
-              f"({summary['bound_images_per_s'] / full['bound_images_per_s']:.2f}x)")
+    save_reconstructions(model, src[:8], run.mean_std, args, run.out / "reconstructions.png")
+    summary = run.finish()
     if args.finetune_epochs and run.data.labeled:
         # Same ViT, same fine-tuning; the only difference is where the weights start.
         scratch = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
         for name, net in (("pretrained", copy.deepcopy(model.encoder)), ("scratch", scratch.to(run.device))):
             summary[f"finetune_top1_{name}"] = common.fine_tune(
-                net, run.data, run.stats, args.finetune_epochs, lr=args.finetune_lr, name=f"fine-tune ({name})")
+                net, run.data, run.mean_std, args.finetune_epochs, lr=args.finetune_lr, name=f"fine-tune ({name})")
         summary["finetune_epochs"] = args.finetune_epochs
         print(f"fine-tuned {args.finetune_epochs} epochs: MAE-pretrained {100 * summary['finetune_top1_pretrained']:.2f}% "
               f"vs from scratch {100 * summary['finetune_top1_scratch']:.2f}%")
-    run.write_summary(summary)
+        common.write_json(summary, run.out / "summary.json")
 
 
 if __name__ == "__main__":

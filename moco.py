@@ -45,41 +45,40 @@ RECIPE_EPOCHS = 1000            # the length of the cited recipe; shorter runs s
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description="MoCo v2 self-supervised pretraining.")
-    common.add_common_args(p, arch="resnet18")
-    g = p.add_argument_group("MoCo")
-    g.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
-    g.add_argument("--batch-size", type=common.positive_int, default=512,
-                   help="images per step; with the queue, the number of negatives does not depend on it")
-    g.add_argument("--lr", type=common.positive_float, default=0.3,
-                   help="base learning rate per 256 images (scaled linearly with --batch-size)")
-    g.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"],
-                   help="plain SGD suffices: MoCo does not need the huge batches LARS is for")
-    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4, help="L2 penalty on weight matrices")
-    g.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
-                   help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
-                        "of a shorter run)")
-    g.add_argument("--temperature", type=common.positive_float, default=0.2,
-                   help="tau in the softmax (MoCo v2's 0.2; v1 used 0.07)")
-    g.add_argument("--momentum", type=common.ema_momentum, default=0.99,
-                   help="m of the key encoder's EMA at the start, in [0, 1) ...")
-    g.add_argument("--momentum-end", type=common.ema_momentum, default=0.999,
-                   help="... rising to this on a cosine (solo-learn; the paper keeps 0.999 throughout, "
-                        "for ImageNet's far longer epochs)")
-    g.add_argument("--queue-size", type=common.positive_int, default=4096,
-                   help="K, negatives kept. Smaller than solo-learn's 32768 (the paper's 65536 is "
-                        "ImageNet's): the queue must hold fewer keys than an epoch, or an image meets an "
-                        "old key of itself as a negative, and a laptop run trains on 20,000 images")
-    g.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True,
-                   help="each view is the query once and the key once (solo-learn's MoCo v2+, twice the "
-                        "signal per image); --no-symmetric is the paper's one-way loss")
-    g.add_argument("--bn-splits", type=common.positive_int, default=8,
-                   help="BatchNorm statistics over this many groups of the batch, keys shuffled across "
-                        "them: the one-device stand-in for MoCo's shuffled BN (1 turns it off)")
-    g.add_argument("--min-scale", type=common.fraction, default=0.08,
-                   help="smallest crop as a fraction of the image area")
-    g.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width")
-    g.add_argument("--proj-dim", type=common.positive_int, default=256, help="dimension of q and k")
+    p = common.make_parser("MoCo v2 self-supervised pretraining.", arch="resnet18")
+    group = p.add_argument_group("MoCo")
+    group.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
+    group.add_argument("--batch-size", type=common.positive_int, default=512,
+                       help="images per step; with the queue, the number of negatives does not depend on it")
+    group.add_argument("--lr", type=common.positive_float, default=0.3,
+                       help="base learning rate per 256 images (scaled linearly with --batch-size)")
+    group.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"],
+                       help="plain SGD suffices: MoCo does not need the huge batches LARS is for")
+    group.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4, help="L2 penalty on weight matrices")
+    group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
+                       help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
+                            "of a shorter run)")
+    group.add_argument("--temperature", type=common.positive_float, default=0.2,
+                       help="tau in the softmax (MoCo v2's 0.2; v1 used 0.07)")
+    group.add_argument("--momentum", type=common.ema_momentum, default=0.99,
+                       help="m of the key encoder's EMA at the start, in [0, 1) ...")
+    group.add_argument("--momentum-end", type=common.ema_momentum, default=0.999,
+                       help="... rising to this on a cosine (solo-learn; the paper keeps 0.999 throughout, "
+                            "for ImageNet's far longer epochs)")
+    group.add_argument("--queue-size", type=common.positive_int, default=4096,
+                       help="K, negatives kept. Smaller than solo-learn's 32768 (the paper's 65536 is "
+                            "ImageNet's): the queue must hold fewer keys than an epoch, or an image meets an "
+                            "old key of itself as a negative, and a laptop run trains on 20,000 images")
+    group.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True,
+                       help="each view is the query once and the key once (solo-learn's MoCo v2+, twice the "
+                            "signal per image); --no-symmetric is the paper's one-way loss")
+    group.add_argument("--bn-splits", type=common.positive_int, default=8,
+                       help="BatchNorm statistics over this many groups of the batch, keys shuffled across "
+                            "them: the one-device stand-in for MoCo's shuffled BN (1 turns it off)")
+    group.add_argument("--min-scale", type=common.fraction, default=0.08,
+                       help="smallest crop as a fraction of the image area")
+    group.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width")
+    group.add_argument("--proj-dim", type=common.positive_int, default=256, help="dimension of q and k")
     return p
 
 
@@ -87,12 +86,12 @@ def make_parser():
 # Augmentation: both views from the same distribution
 # ============================================================================================
 
-def moco_augment(stats, size, min_scale=0.08):
+def moco_augment(mean_std, size, min_scale=0.08):
     """solo-learn's symmetric_weak.yaml (MoCo v2's own, from the paper's Table 1 "aug+"):
     crops of 8-100% of the area, flip, colour jitter 0.4, 0.4, 0.4, 0.1 with p 0.8,
     grayscale p 0.2, blur p 0.5."""
     return common.Augment(size, scale=(min_scale, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
-                          blur_p=0.5, mean=stats[0], std=stats[1])
+                          blur_p=0.5, mean=mean_std[0], std=mean_std[1])
 
 
 # ============================================================================================
@@ -215,7 +214,7 @@ def moco_loss(q, k, queue, temperature):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, x1, x2, momentum, args, run):
+def train_step(model, optimizer, x1, x2, momentum, args, autocast):
     """Symmetric: both views in one batch as queries (x1 then x2) and, in the opposite order,
     as keys, so row i of the keys is the positive of row i of the queries. The mean of
     moco_loss over those 2N rows is exactly the mean of the two one-way losses. With the
@@ -226,7 +225,7 @@ def train_step(model, optimizer, x1, x2, momentum, args, run):
         x_q, x_k = torch.cat([x1, x2]), torch.cat([x2, x1])   # (2N, 3, H, W) each
     else:
         x_q, x_k = x1, x2
-    with run.autocast():
+    with autocast:
         q, k = model(x_q, x_k)                                 # (2N, D) or (N, D)
         loss = moco_loss(q, k, model.queue, args.temperature)
     optimizer.zero_grad(set_to_none=True)
@@ -242,39 +241,36 @@ def train_step(model, optimizer, x1, x2, momentum, args, run):
 
 def main(argv=None):
     parser = make_parser()
-    args = parser.parse_args(argv)
+    args = common.parse_args(parser, argv, "moco")
     rows = args.batch_size * (2 if args.symmetric else 1)
     if rows % args.bn_splits:
-        raise common.UserError(f"--bn-splits {args.bn_splits} must divide the {rows} images the encoder sees "
-                               f"per step (--batch-size {args.batch_size}).")
-    run = common.Run(args, "moco", parser)
+        parser.error(f"--bn-splits {args.bn_splits} must divide the {rows} images the encoder sees per step "
+                     f"(--batch-size {args.batch_size})")
+    run = common.Run(args, "moco")
 
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
     model = MoCo(backbone, args.proj_hidden, args.proj_dim, args.queue_size)
     if args.bn_splits > 1:
         model = split_batchnorm(model, args.bn_splits)        # both encoders
-    model = run.prepare(model)
+    model = common.to_device(model, run.device)
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)
-    warmup = common.scaled_epochs(10, RECIPE_EPOCHS, args.epochs) if args.warmup_epochs is None else args.warmup_epochs
+    warmup = common.scaled_epochs(args.warmup_epochs, 10, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
     run.start(model, optimizer, model.backbone)
-    augment = moco_augment(run.stats, run.data.image_size, args.min_scale)
+    augment = moco_augment(run.mean_std, run.data.image_size, args.min_scale)
     run.save_views([augment])
-    forward = run.compiled(model)
+    train_model = torch.compile(model) if args.compile else model
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, x in run.batches(epoch):                     # x: (B, 3, H, W) uint8
-            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, round(warmup * run.steps_per_epoch),
-                                                      base_lr))
-            momentum = common.cosine_momentum(step, run.total_steps, args.momentum, args.momentum_end)
+        for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
+            momentum = common.cosine_schedule(step, run.total_steps, args.momentum, args.momentum_end)
+            x = run.data.train_x[idx]                          # (B, 3, H, W) uint8, on the device
             x1, x2 = augment(x), augment(x)                    # (B, 3, H, W) fp32 each
-            loss, z = train_step(forward, optimizer, x1, x2, momentum, args, run)
-            run.log_step(loss, z)
+            loss, q1 = train_step(train_model, optimizer, x1, x2, momentum, args, run.autocast)
+            run.log_step(loss, q1)
         run.end_epoch(epoch)
-
-    x = run.data.train_x[:args.batch_size]
-    x1, x2 = augment(x), augment(x)
-    run.finish(bench_step=lambda: train_step(forward, optimizer, x1, x2, args.momentum, args, run))
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ Result: `make demo` (shapes, 16 px, ResNet-18 width 16, 15 epochs) reaches kNN t
 against 19.80% at random init, on 2 CPU cores, 2026-11-24. CIFAR-10 on a GPU: not yet measured.
 """
 
-import argparse
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,31 +33,31 @@ import common
 
 RECIPE_EPOCHS = 1000            # the length of the cited recipe; shorter runs scale its schedules
 
+
 def make_parser():
-    p = argparse.ArgumentParser(description="SimCLR self-supervised pretraining.")
-    common.add_common_args(p, arch="resnet18")
-    g = p.add_argument_group("SimCLR")
-    g.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
-    g.add_argument("--batch-size", type=common.positive_int, default=512,
-                   help="images per step; each gives 2 views, so 2*B-2 negatives per anchor")
-    g.add_argument("--lr", type=common.positive_float, default=0.4,
-                   help="base learning rate per 256 images (scaled linearly with --batch-size)")
-    g.add_argument("--optimizer", default="lars", choices=["lars", "sgd"],
-                   help="LARS keeps large-batch contrastive training stable")
-    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4, help="L2 penalty on weight matrices")
-    g.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
-                   help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
-                        "of a shorter run); the large LARS LR diverges without it")
-    g.add_argument("--temperature", type=common.positive_float, default=0.2,
-                   help="tau in the softmax; smaller weights the hardest negatives more")
-    g.add_argument("--min-scale", type=common.fraction, default=0.08,
-                   help="smallest crop as a fraction of the image area (the paper's 0.08; raise it for "
-                        "tiny images, where an 8%% crop is a few pixels)")
-    g.add_argument("--drop-aug", action="append", default=[], choices=AUGMENT_PARTS, metavar="PART",
-                   help="switch one part of the augmentation off, for ablations (repeatable): "
-                        + ", ".join(AUGMENT_PARTS))
-    g.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width")
-    g.add_argument("--proj-dim", type=common.positive_int, default=256, help="dimension of z")
+    p = common.make_parser("SimCLR self-supervised pretraining.", arch="resnet18")
+    group = p.add_argument_group("SimCLR")
+    group.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
+    group.add_argument("--batch-size", type=common.positive_int, default=512,
+                       help="images per step; each gives 2 views, so 2*B-2 negatives per anchor")
+    group.add_argument("--lr", type=common.positive_float, default=0.4,
+                       help="base learning rate per 256 images (scaled linearly with --batch-size)")
+    group.add_argument("--optimizer", default="lars", choices=["lars", "sgd"],
+                       help="LARS keeps large-batch contrastive training stable")
+    group.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4, help="L2 penalty on weight matrices")
+    group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
+                       help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction of "
+                            "a shorter run); the large LARS LR diverges without it")
+    group.add_argument("--temperature", type=common.positive_float, default=0.2,
+                       help="tau in the softmax; smaller weights the hardest negatives more")
+    group.add_argument("--min-scale", type=common.fraction, default=0.08,
+                       help="smallest crop as a fraction of the image area (the paper's 0.08; raise it for "
+                            "tiny images, where an 8%% crop is a few pixels)")
+    group.add_argument("--drop-aug", action="append", default=[], choices=AUGMENT_PARTS, metavar="PART",
+                       help="switch one part of the augmentation off, for ablations (repeatable): "
+                            + ", ".join(AUGMENT_PARTS))
+    group.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width")
+    group.add_argument("--proj-dim", type=common.positive_int, default=256, help="dimension of z")
     return p
 
 
@@ -70,12 +68,12 @@ def make_parser():
 AUGMENT_PARTS = ("crop", "flip", "jitter", "gray", "blur")
 
 
-def simclr_augment(stats, size, min_scale=0.08, drop=()):
+def simclr_augment(mean_std, size, min_scale=0.08, drop=()):
     """solo-learn's symmetric.yaml: crops of 8-100% of the area, flip, strong colour jitter
     (0.8, 0.8, 0.8, 0.2 with p 0.8), grayscale p 0.2, blur p 0.5. `drop` switches parts off,
     for an ablation like the SimCLR paper's study of augmentations (its Figure 5)."""
     aug = common.Augment(size, scale=(min_scale, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2,
-                         blur_p=0.5, mean=stats[0], std=stats[1])
+                         blur_p=0.5, mean=mean_std[0], std=mean_std[1])
     if "crop" in drop:
         aug.scale, aug.ratio = (1.0, 1.0), (1.0, 1.0)          # each view is the whole image
     aug.flip_p = 0.0 if "flip" in drop else aug.flip_p
@@ -126,11 +124,11 @@ def info_nce(z1, z2, temperature):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, x1, x2, temperature, run):
+def train_step(model, optimizer, x1, x2, temperature, autocast):
     """Both views in one forward pass: one large batch keeps the GPU busy, and BatchNorm
     sees the statistics of both views together, as in the paper's code (solo-learn encodes
     the views one at a time)."""
-    with run.autocast():
+    with autocast:
         z = model(torch.cat([x1, x2]))                         # (2N, D)
         z1, z2 = z.chunk(2)                                    # (N, D) each
         loss = info_nce(z1, z2, temperature)
@@ -145,32 +143,28 @@ def train_step(model, optimizer, x1, x2, temperature, run):
 # ============================================================================================
 
 def main(argv=None):
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    run = common.Run(args, "simclr", parser)
+    args = common.parse_args(make_parser(), argv, "simclr")
+    run = common.Run(args, "simclr")
 
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
-    model = run.prepare(SimCLR(backbone, args.proj_hidden, args.proj_dim))
+    model = common.to_device(SimCLR(backbone, args.proj_hidden, args.proj_dim), run.device)
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)
-    warmup = common.scaled_epochs(10, RECIPE_EPOCHS, args.epochs) if args.warmup_epochs is None else args.warmup_epochs
+    warmup = common.scaled_epochs(args.warmup_epochs, 10, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
     run.start(model, optimizer, model.backbone)
-    augment = simclr_augment(run.stats, run.data.image_size, args.min_scale, args.drop_aug)
+    augment = simclr_augment(run.mean_std, run.data.image_size, args.min_scale, args.drop_aug)
     run.save_views([augment])
-    forward = run.compiled(model)
+    train_model = torch.compile(model) if args.compile else model
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, x in run.batches(epoch):                     # x: (B, 3, H, W) uint8
-            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, round(warmup * run.steps_per_epoch),
-                                                      base_lr))
+        for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
+            x = run.data.train_x[idx]                          # (B, 3, H, W) uint8, on the device
             x1, x2 = augment(x), augment(x)                    # (B, 3, H, W) fp32 each
-            loss, z = train_step(forward, optimizer, x1, x2, args.temperature, run)
-            run.log_step(loss, z)
+            loss, z1 = train_step(train_model, optimizer, x1, x2, args.temperature, run.autocast)
+            run.log_step(loss, z1)
         run.end_epoch(epoch)
-
-    x = run.data.train_x[:args.batch_size]
-    x1, x2 = augment(x), augment(x)
-    run.finish(bench_step=lambda: train_step(forward, optimizer, x1, x2, args.temperature, run))
+    run.finish()
 
 
 if __name__ == "__main__":

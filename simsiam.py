@@ -42,30 +42,29 @@ import common
 RECIPE_EPOCHS = 1000            # the length of the cited recipe; shorter runs scale its schedules
 
 def make_parser():
-    p = argparse.ArgumentParser(description="SimSiam self-supervised pretraining.")
-    common.add_common_args(p, arch="resnet18")
-    g = p.add_argument_group("SimSiam")
-    g.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
-    g.add_argument("--batch-size", type=common.positive_int, default=512,
-                   help="images per step; SimSiam works from batch 64 up (no negatives)")
-    g.add_argument("--lr", type=common.positive_float, default=0.5,
-                   help="base learning rate per 256 images (scaled linearly with --batch-size)")
-    g.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"], help="plain SGD, as in the paper")
-    g.add_argument("--weight-decay", type=common.nonneg_float, default=1e-5, help="L2 penalty on weight matrices")
-    g.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
-                   help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
-                        "of a shorter run)")
-    g.add_argument("--stop-grad", action=argparse.BooleanOptionalAction, default=True,
-                   help="--no-stop-grad lets the gradient through z too: the embeddings collapse")
-    g.add_argument("--fixed-pred-lr", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the predictor's learning rate at the base value instead of decaying it "
-                        "(the paper: h must keep adapting to the latest representation)")
-    g.add_argument("--min-scale", type=common.fraction, default=0.08,
-                   help="smallest crop as a fraction of the image area")
-    g.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width")
-    g.add_argument("--proj-dim", type=common.positive_int, default=2048, help="dimension of z and p")
-    g.add_argument("--pred-hidden", type=common.positive_int, default=512,
-                   help="predictor bottleneck (the paper's D/4)")
+    p = common.make_parser("SimSiam self-supervised pretraining.", arch="resnet18")
+    group = p.add_argument_group("SimSiam")
+    group.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
+    group.add_argument("--batch-size", type=common.positive_int, default=512,
+                       help="images per step; SimSiam works from batch 64 up (no negatives)")
+    group.add_argument("--lr", type=common.positive_float, default=0.5,
+                       help="base learning rate per 256 images (scaled linearly with --batch-size)")
+    group.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"], help="plain SGD, as in the paper")
+    group.add_argument("--weight-decay", type=common.nonneg_float, default=1e-5, help="L2 penalty on weight matrices")
+    group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
+                       help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
+                            "of a shorter run)")
+    group.add_argument("--stop-grad", action=argparse.BooleanOptionalAction, default=True,
+                       help="--no-stop-grad lets the gradient through z too: the embeddings collapse")
+    group.add_argument("--fixed-pred-lr", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep the predictor's learning rate at the base value instead of decaying it "
+                            "(the paper: h must keep adapting to the latest representation)")
+    group.add_argument("--min-scale", type=common.fraction, default=0.08,
+                       help="smallest crop as a fraction of the image area")
+    group.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width")
+    group.add_argument("--proj-dim", type=common.positive_int, default=2048, help="dimension of z and p")
+    group.add_argument("--pred-hidden", type=common.positive_int, default=512,
+                       help="predictor bottleneck (the paper's D/4)")
     return p
 
 
@@ -73,11 +72,11 @@ def make_parser():
 # Augmentation: both views from the same distribution
 # ============================================================================================
 
-def simsiam_augment(stats, size, min_scale=0.08):
+def simsiam_augment(mean_std, size, min_scale=0.08):
     """solo-learn's symmetric_weak.yaml (the paper's, from MoCo v2): crops of 8-100% of the
     area, flip, colour jitter 0.4, 0.4, 0.4, 0.1 with p 0.8, grayscale p 0.2, blur p 0.5."""
     return common.Augment(size, scale=(min_scale, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
-                          blur_p=0.5, mean=stats[0], std=stats[1])
+                          blur_p=0.5, mean=mean_std[0], std=mean_std[1])
 
 
 # ============================================================================================
@@ -129,11 +128,11 @@ def simsiam_loss(p, z, stop_grad=True):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, x1, x2, stop_grad, run):
+def train_step(model, optimizer, x1, x2, stop_grad, autocast):
     """Each view through the one shared network in its own forward pass, so BatchNorm
     normalises each with its own statistics (the paper's code); the symmetrised loss
     L = D(p1, z2)/2 + D(p2, z1)/2 of eq. (4)."""
-    with run.autocast():
+    with autocast:
         p1, z1 = model(x1)                                     # (N, D) each
         p2, z2 = model(x2)
         loss = simsiam_loss(p1, z2, stop_grad) / 2 + simsiam_loss(p2, z1, stop_grad) / 2
@@ -148,40 +147,36 @@ def train_step(model, optimizer, x1, x2, stop_grad, run):
 # ============================================================================================
 
 def main(argv=None):
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    run = common.Run(args, "simsiam", parser)
+    args = common.parse_args(make_parser(), argv, "simsiam")
+    run = common.Run(args, "simsiam")
 
     # Residual branches start at 0 (torchvision's zero_init_residual), as in the paper's code.
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size,
                                      zero_init_residual=True)
-    model = run.prepare(SimSiam(backbone, args.proj_hidden, args.proj_dim, args.pred_hidden))
+    model = common.to_device(SimSiam(backbone, args.proj_hidden, args.proj_dim, args.pred_hidden), run.device)
     base_lr = args.lr * args.batch_size / 256
     groups = common.param_groups(model.encoder, args.weight_decay) + \
         [dict(g, predictor=True) for g in common.param_groups(model.predictor, args.weight_decay)]
     optimizer = common.make_optimizer(groups, args.optimizer, base_lr)
-    warmup = common.scaled_epochs(10, RECIPE_EPOCHS, args.epochs) if args.warmup_epochs is None else args.warmup_epochs
+    warmup = common.scaled_epochs(args.warmup_epochs, 10, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
     run.start(model, optimizer, model.backbone)
-    augment = simsiam_augment(run.stats, run.data.image_size, args.min_scale)
+    augment = simsiam_augment(run.mean_std, run.data.image_size, args.min_scale)
     run.save_views([augment])
-    forward = run.compiled(model)
+    train_model = torch.compile(model) if args.compile else model
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, x in run.batches(epoch):                     # x: (B, 3, H, W) uint8
-            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, round(warmup * run.steps_per_epoch),
-                                                      base_lr))
+        for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
             if args.fixed_pred_lr:
                 for group in optimizer.param_groups:
                     if group.get("predictor"):
                         group["lr"] = base_lr
+            x = run.data.train_x[idx]                          # (B, 3, H, W) uint8, on the device
             x1, x2 = augment(x), augment(x)                    # (B, 3, H, W) fp32 each
-            loss, z = train_step(forward, optimizer, x1, x2, args.stop_grad, run)
-            run.log_step(loss, z)
+            loss, z1 = train_step(train_model, optimizer, x1, x2, args.stop_grad, run.autocast)
+            run.log_step(loss, z1)
         run.end_epoch(epoch)
-
-    x = run.data.train_x[:args.batch_size]
-    x1, x2 = augment(x), augment(x)
-    run.finish(bench_step=lambda: train_step(forward, optimizer, x1, x2, args.stop_grad, run))
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ classifier reaches test top-1 73.5%, kNN 74.8%, linear probe 77.8%, on 2 CPU cor
 2026-11-24. CIFAR-10 on a GPU: not yet measured (no GPU was available to the session).
 """
 
-import argparse
 import sys
 
 import torch
@@ -44,25 +43,24 @@ import common
 RECIPE_EPOCHS = 200             # the length of the recipe; shorter runs scale its warmup
 
 def make_parser():
-    p = argparse.ArgumentParser(description="Supervised training with labels: the reference line.")
-    common.add_common_args(p, arch="resnet18")
-    g = p.add_argument_group("supervised")
-    g.add_argument("--epochs", type=common.positive_int, default=200,
-                   help="epochs of N/B steps (N = all training images, whatever --label-fraction)")
-    g.add_argument("--batch-size", type=common.positive_int, default=256, help="images per step")
-    g.add_argument("--lr", type=common.positive_float, default=0.1,
-                   help="base learning rate per 256 images (scaled linearly with --batch-size)")
-    g.add_argument("--weight-decay", type=common.nonneg_float, default=5e-4, help="L2 penalty on weight matrices")
-    g.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
-                   help="linear LR warmup, in epochs (default: 2 of the recipe's 200, the same fraction of a "
-                        "shorter run)")
-    g.add_argument("--label-smoothing", type=float, default=0.0, help="epsilon of label smoothing, in [0, 1)")
-    g.add_argument("--augment", default="crop", choices=["crop", "simclr"],
-                   help="crop: crop + flip (supervised practice); simclr: SimCLR's full recipe")
-    g.add_argument("--min-scale", type=common.fraction, default=0.25,
-                   help="smallest crop as a fraction of the image area")
-    g.add_argument("--label-fraction", type=float, default=1.0,
-                   help="train on this class-balanced fraction of the labels, in (0, 1]")
+    p = common.make_parser("Supervised training with labels: the reference line.", arch="resnet18")
+    group = p.add_argument_group("supervised")
+    group.add_argument("--epochs", type=common.positive_int, default=200,
+                       help="epochs of N/B steps (N = all training images, whatever --label-fraction)")
+    group.add_argument("--batch-size", type=common.positive_int, default=256, help="images per step")
+    group.add_argument("--lr", type=common.positive_float, default=0.1,
+                       help="base learning rate per 256 images (scaled linearly with --batch-size)")
+    group.add_argument("--weight-decay", type=common.nonneg_float, default=5e-4, help="L2 penalty on weight matrices")
+    group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
+                       help="linear LR warmup, in epochs (default: 2 of the recipe's 200, the same fraction of a "
+                            "shorter run)")
+    group.add_argument("--label-smoothing", type=float, default=0.0, help="epsilon of label smoothing, in [0, 1)")
+    group.add_argument("--augment", default="crop", choices=["crop", "simclr"],
+                       help="crop: crop + flip (supervised practice); simclr: SimCLR's full recipe")
+    group.add_argument("--min-scale", type=common.fraction, default=0.25,
+                       help="smallest crop as a fraction of the image area")
+    group.add_argument("--label-fraction", type=common.fraction, default=1.0,
+                       help="train on this class-balanced fraction of the labels, in (0, 1]")
     return p
 
 
@@ -100,8 +98,8 @@ def supervised_loss(logits, y, label_smoothing=0.0):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, x, y, label_smoothing, run):
-    with run.autocast():
+def train_step(model, optimizer, x, y, label_smoothing, autocast):
+    with autocast:
         logits, h = model(x)                                   # (B, C), (B, dim)
         loss = supervised_loss(logits, y, label_smoothing)
     optimizer.zero_grad(set_to_none=True)
@@ -110,10 +108,18 @@ def train_step(model, optimizer, x, y, label_smoothing, run):
     return loss, h
 
 
+def labeled_order(pool, n):
+    """The order in which an epoch visits the labelled images `pool` (P,): whole random
+    permutations of the pool, one after another, n indices in all. An epoch then has as
+    many steps whatever the share of labels, so 1% of them costs the compute of all."""
+    rounds = -(-n // len(pool))                                # ceil(n / P)
+    return pool[torch.rand(rounds, len(pool), device=pool.device).argsort(1)].flatten()[:n]   # (n,)
+
+
 @torch.no_grad()
-def test_top1(model, data, stats):
+def test_top1(model, data, mean_std):
     """Top-1 of the trained classifier itself on the test split (un-augmented images)."""
-    features = common.extract_features(model.backbone, data.test_x, stats)   # (M, dim)
+    features = common.extract_features(model.backbone, data.test_x, mean_std)   # (M, dim)
     return (model.classifier(features).argmax(1) == data.test_y).float().mean().item()
 
 
@@ -123,48 +129,45 @@ def test_top1(model, data, stats):
 
 def main(argv=None):
     parser = make_parser()
-    args = parser.parse_args(argv)
-    if not 0 < args.label_fraction <= 1:
-        parser.error(f"--label-fraction {args.label_fraction}: must be in (0, 1]")
+    args = common.parse_args(parser, argv, "supervised")
     if not 0 <= args.label_smoothing < 1:
         parser.error(f"--label-smoothing {args.label_smoothing}: must be in [0, 1)")
-    run = common.Run(args, "supervised", parser)
+    run = common.Run(args, "supervised")
     if not run.data.labeled:
         raise common.UserError(f"--data {args.data}: supervised training needs labels on a train and a test "
                                f"split (train/ and test/ folders with one subfolder per class).")
 
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
-    model = run.prepare(Supervised(backbone, len(run.data.classes)))
+    model = common.to_device(Supervised(backbone, len(run.data.classes)), run.device)
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), "sgd", base_lr, nesterov=True)
-    warmup = common.scaled_epochs(2, RECIPE_EPOCHS, args.epochs) if args.warmup_epochs is None else args.warmup_epochs
+    warmup = common.scaled_epochs(args.warmup_epochs, 2, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
     run.start(model, optimizer, model.backbone)
     if args.augment == "simclr":                               # simclr.py's recipe, written out
         augment = common.Augment(run.data.image_size, scale=(args.min_scale, 1.0), jitter=(0.8, 0.8, 0.8, 0.2),
-                                 jitter_p=0.8, gray_p=0.2, blur_p=0.5, mean=run.stats[0], std=run.stats[1])
+                                 jitter_p=0.8, gray_p=0.2, blur_p=0.5, mean=run.mean_std[0], std=run.mean_std[1])
     else:
         augment = common.Augment(run.data.image_size, scale=(args.min_scale, 1.0), jitter_p=0.0, gray_p=0.0,
-                                 mean=run.stats[0], std=run.stats[1])
+                                 mean=run.mean_std[0], std=run.mean_std[1])
     run.save_views([augment])
     pool = common.label_subset(run.data.train_y, args.label_fraction, args.seed).to(run.device)
     print(f"supervised: {len(pool)} labelled training images ({100 * args.label_fraction:g}% of the labels)",
           file=sys.stderr)
-    forward = run.compiled(model)
+    train_model = torch.compile(model) if args.compile else model
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, x, y in run.labeled_batches(epoch, pool):    # x: (B, 3, H, W) uint8, y: (B,)
-            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, round(warmup * run.steps_per_epoch),
-                                                      base_lr))
-            loss, h = train_step(forward, optimizer, augment(x), y, args.label_smoothing, run)
+        order = labeled_order(pool, run.steps_per_epoch * args.batch_size)
+        for step, idx in run.batches(epoch, order):            # idx: (B,) this step's labelled images
+            common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
+            x, y = augment(run.data.train_x[idx]), run.data.train_y[idx]   # (B, 3, H, W) fp32, (B,)
+            loss, h = train_step(train_model, optimizer, x, y, args.label_smoothing, run.autocast)
             run.log_step(loss, h)
         run.end_epoch(epoch)
 
-    x, y = run.data.train_x[:args.batch_size], run.data.train_y[:args.batch_size]
-    xa = augment(x)
-    summary = run.finish(bench_step=lambda: train_step(forward, optimizer, xa, y, args.label_smoothing, run))
+    summary = run.finish()
     summary["labeled_images"] = len(pool)
-    summary["test_top1"] = test_top1(model, run.data, run.stats)
-    run.write_summary(summary)
+    summary["test_top1"] = test_top1(model, run.data, run.mean_std)
+    common.write_json(summary, run.out / "summary.json")
     print(f"classifier test top-1 {100 * summary['test_top1']:.2f}%", file=sys.stderr)
 
 

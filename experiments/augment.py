@@ -36,7 +36,7 @@ def ablations(args):
 
 def plot(rows, path):
     """rows: [(label, kNN top-1 in [0, 1] or None)]."""
-    common.bar_plot([(label, None if v is None else 100 * v) for label, v in rows], path,
+    harness.bar_plot([(label, None if v is None else 100 * v) for label, v in rows], path,
                     "SimCLR kNN top-1 with one part of the augmentation off", "kNN top-1 %")
 
 

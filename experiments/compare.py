@@ -27,11 +27,11 @@ def row(label, summary, linear):
             "peak_memory_mib": summary.get("peak_memory_mib"), "memory": summary.get("memory")}
 
 
-def init_row(run, args):
+def init_row(run_dir, args):
     """The same encoder untrained: the bar a method must clear to have learned anything."""
-    summary = harness.read_summary(run)
+    summary = harness.read_summary(run_dir)
     return {"method": "Random init (untrained)", "arch": summary["arch"], "knn_top1": summary["knn_top1_init"],
-            "linear_top1": harness.evaluate(run, 1.0, 0, args.device, scratch=True)["linear_top1"],
+            "linear_top1": harness.evaluate(run_dir, 1.0, 0, args.device, scratch=True)["linear_top1"],
             "epoch_seconds": None, "images_per_s": None, "peak_memory_mib": None, "memory": None}
 
 
@@ -45,7 +45,7 @@ def table(rows):
 
 
 def plot(rows, path):
-    common.bar_plot([(f"{r['method']} ({ARCH_NAMES.get(r['arch'], r['arch'])})",
+    harness.bar_plot([(f"{r['method']} ({ARCH_NAMES.get(r['arch'], r['arch'])})",
                       None if r["linear_top1"] is None else 100 * r["linear_top1"]) for r in rows], path,
                     "linear probe top-1, matched recipe and budget", "linear probe top-1 %")
 
@@ -54,10 +54,10 @@ def main(argv=None):
     args = harness.parse(harness.make_parser(__doc__.splitlines()[0]), argv)
     rows, first_of_arch = [], {}
     for label, script, flags in harness.METHODS + [("Supervised", "supervised.py", [])]:
-        run = harness.train(script, flags, args, label)
-        rows.append(row(label, harness.read_summary(run), harness.evaluate(run, 1.0, 0, args.device)["linear_top1"]))
-        first_of_arch.setdefault(rows[-1]["arch"], run)
-    rows += [init_row(run, args) for run in first_of_arch.values()]
+        run_dir = harness.train(script, flags, args, label)
+        rows.append(row(label, harness.read_summary(run_dir), harness.evaluate(run_dir, 1.0, 0, args.device)["linear_top1"]))
+        first_of_arch.setdefault(rows[-1]["arch"], run_dir)
+    rows += [init_row(run_dir, args) for run_dir in first_of_arch.values()]
     plot(rows, Path(args.results) / "compare.png")
     ssl = [r["linear_top1"] for r in rows[:len(harness.METHODS)]]
     harness.write_results(args, "compare", {"rows": rows, "linear_spread_points": 100 * (max(ssl) - min(ssl))},

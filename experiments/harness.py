@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,8 +37,7 @@ METHODS = [  # (label, script, flags)
     ("DINO", "dino.py", ["--arch", "resnet18"]),
     ("MAE", "mae.py", ["--finetune-epochs", "0"]),
 ]
-# Flags that do not change what is trained: left out of a run's identity.
-WHERE_FLAGS = {"out", "resume", "device", "compile", "bench", "data_dir"}
+# Flags that do not change what is trained (common.WHERE_FLAGS) are left out of a run's identity.
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def flags_for(script, flags):
 
 def run_folder(script, flags, runs):
     """runs/<script>-<hash of the resolved configuration>."""
-    config = {k: v for k, v in vars(script_parser(script).parse_args(flags)).items() if k not in WHERE_FLAGS}
+    config = {k: v for k, v in vars(script_parser(script).parse_args(flags)).items() if k not in common.WHERE_FLAGS}
     key = hashlib.sha1(json.dumps([script, sorted(config.items())], default=str).encode()).hexdigest()[:10]
     return Path(runs) / f"{Path(script).stem}-{key}"
 
@@ -130,12 +130,12 @@ def train(script, flags, args, label):
     return out
 
 
-def read_log(run):
-    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines() if line.strip()]
+def read_log(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines() if line.strip()]
 
 
-def read_summary(run):
-    return json.loads((Path(run) / "summary.json").read_text())
+def read_summary(run_dir):
+    return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
 # --- evaluation with a budget of labels -----------------------------------------------------
@@ -143,7 +143,7 @@ def read_summary(run):
 @functools.cache
 def _data(spec, data_dir, image_size, subset, seed, device):
     data = common.load_data(spec, data_dir, image_size, subset, seed)
-    return data.to(device), data.channel_stats()
+    return data.to(device), data.mean_std()
 
 
 def finetune_epochs(ft_epochs, n_labeled, n_train):
@@ -152,37 +152,37 @@ def finetune_epochs(ft_epochs, n_labeled, n_train):
     return max(1, round(ft_epochs * n_train / n_labeled))
 
 
-def evaluate(run, fraction, ft_epochs, device="auto", scratch=False):
+def evaluate(run_dir, fraction, ft_epochs, device="auto", scratch=False):
     """Top-1 on the test split with a class-balanced `fraction` of the training labels: a
     linear probe on the frozen encoder, and (ft_epochs > 0) fine-tuning it with
     common.fine_tune for the compute of ft_epochs epochs over all images. scratch=True: the
     same for a randomly initialised encoder of the run's architecture. Results are kept in the
     run folder's evaluations.json, so a second call costs nothing."""
-    run = Path(run)
-    cache_path = run / "evaluations.json"
+    run_dir = Path(run_dir)
+    cache_path = run_dir / "evaluations.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     key = f"{'scratch' if scratch else 'pretrained'} fraction={fraction:g} ft_epochs={ft_epochs}"
     if key in cache:
         return cache[key]
     dev = common.pick_device(device)
-    backbone, summary = common.load_encoder(run, dev)
+    backbone, summary = common.load_encoder(run_dir, dev)
     a = summary["args"]
     if scratch:
         torch.manual_seed(a["seed"])
         backbone = common.build_backbone(a["arch"], summary["image_size"], a["width"], a["patch_size"]).to(dev)
-    data, stats = _data(a["data"], a["data_dir"], a["image_size"], a["subset"], a["seed"], str(dev))
+    data, mean_std = _data(a["data"], a["data_dir"], a["image_size"], a["subset"], a["seed"], str(dev))
     if not data.labeled:
         raise common.UserError(f"--data {a['data']} has no labels on a train and a test split; the "
                                f"experiments need them.")
-    idx = common.label_subset(data.train_y, fraction, seed=a["seed"])
-    labeled = common.with_train_subset(data, idx)
-    what = f"{run.name} {'scratch' if scratch else 'encoder'}, {100 * fraction:g}% labels ({len(idx)} images)"
+    idx = common.label_subset(data.train_y, fraction, seed=a["seed"]).to(dev)
+    labeled = common.Dataset(data.train_x[idx], data.train_y[idx], data.test_x, data.test_y, data.classes, data.name)
+    what = f"{run_dir.name} {'scratch' if scratch else 'encoder'}, {100 * fraction:g}% labels ({len(idx)} images)"
     print(f"== evaluate {what}", file=sys.stderr, flush=True)
-    result = {"labeled_images": len(idx), "linear_top1": common.linear_probe(backbone, labeled, stats)}
+    result = {"labeled_images": len(idx), "linear_top1": common.linear_probe(backbone, labeled, mean_std)}
     if ft_epochs:
         epochs = finetune_epochs(ft_epochs, len(idx), len(data.train_x))
         torch.manual_seed(a["seed"])
-        result["finetune_top1"] = common.fine_tune(backbone, labeled, stats, epochs,
+        result["finetune_top1"] = common.fine_tune(backbone, labeled, mean_std, epochs,
                                                    name=f"fine-tune {what}")
     cache[key] = result
     tmp = cache_path.with_suffix(".tmp")
@@ -192,6 +192,40 @@ def evaluate(run, fraction, ft_epochs, device="auto", scratch=False):
 
 
 # --- results --------------------------------------------------------------------------------
+
+def bar_plot(bars, path, title, xlabel, width=560):
+    """Horizontal bars from 0, one per (label, value) in `bars`, top to bottom, each with its
+    value written at its end; a value of None is drawn as "not run"."""
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 16 + max(probe.textlength(label, font=font) for label, _ in bars)
+    row, T = 22, 30
+    H = T + row * len(bars) + 46
+    img = Image.new("RGB", (width, H), "white")
+    draw = ImageDraw.Draw(img)
+    L, R, B = left, width - 50, T + row * len(bars)
+    values = [v for _, v in bars if v is not None and math.isfinite(v)]
+    xt = common.nice_ticks(0.0, max(values, default=1.0))
+    sx = lambda v: L + v / xt[-1] * (R - L)
+    draw.text(((L + R) // 2, 8), title, fill="black", font=font, anchor="mt")
+    for v in xt:
+        draw.line((sx(v), T, sx(v), B), fill=(230, 230, 230))
+        draw.line((sx(v), B, sx(v), B + 4), fill="black")
+        draw.text((sx(v), B + 6), f"{v:g}", fill="black", font=font, anchor="mt")
+    for i, (label, v) in enumerate(bars):
+        y = T + row * i
+        draw.text((L - 6, y + row // 2), label, fill="black", font=font, anchor="rm")
+        if v is None or not math.isfinite(v):
+            draw.text((L + 4, y + row // 2), "not run", fill="gray", font=font, anchor="lm")
+            continue
+        draw.rectangle((L, y + 4, sx(v), y + row - 4), fill=common.PALETTE[0])
+        draw.text((sx(v) + 4, y + row // 2), f"{v:.1f}", fill="black", font=font, anchor="lm")
+    draw.line((L, T, L, B), fill="black")
+    draw.line((L, B, R, B), fill="black")
+    draw.text(((L + R) // 2, H - 12), xlabel, fill="black", font=font, anchor="mm")
+    img.save(path)
+
+
 
 def pct(v):
     return "–" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"

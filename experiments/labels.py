@@ -47,8 +47,8 @@ def main(argv=None):
     ft = max(1, args.epochs // 5) if args.ft_epochs is None else args.ft_epochs
     linear, finetune = {}, {}
     for label, script, flags in harness.METHODS:
-        run = harness.train(script, flags, args, label)
-        evals = [harness.evaluate(run, f, ft, args.device) for f in FRACTIONS]
+        run_dir = harness.train(script, flags, args, label)
+        evals = [harness.evaluate(run_dir, f, ft, args.device) for f in FRACTIONS]
         linear[label] = [e["linear_top1"] for e in evals]
         finetune[label] = [e["finetune_top1"] for e in evals]
     supervised = [harness.read_summary(harness.train("supervised.py", ["--label-fraction", str(f)], args,

@@ -37,7 +37,7 @@ def main(argv=None):
     ft = max(1, args.epochs // 5) if args.ft_epochs is None else args.ft_epochs
     runs = {r: harness.train("mae.py", ["--mask-ratio", str(r), "--finetune-epochs", "0"], args, f"MAE mask {r}")
             for r in RATIOS}
-    evals = {r: harness.evaluate(run, 1.0, ft, args.device) for r, run in runs.items()}
+    evals = {r: harness.evaluate(run_dir, 1.0, ft, args.device) for r, run_dir in runs.items()}
     scratch = harness.evaluate(runs[0.75], 1.0, ft, args.device, scratch=True).get("finetune_top1")
     linear = [evals[r]["linear_top1"] for r in RATIOS]
     finetune = [evals[r].get("finetune_top1") for r in RATIOS]

@@ -42,7 +42,7 @@ def plot(results, path, knn_init=None):
 def main(argv=None):
     args = harness.parse(harness.make_parser(__doc__.splitlines()[0]), argv)
     runs = {tau: harness.train("simclr.py", ["--temperature", str(tau)], args, f"SimCLR tau {tau}") for tau in TAUS}
-    results = {tau: harness.read_log(run) for tau, run in runs.items()}
+    results = {tau: harness.read_log(run_dir) for tau, run_dir in runs.items()}
     knn_init = harness.read_summary(runs[TAUS[0]])["knn_top1_init"]   # the same seed: the same init for all
     plot(results, Path(args.results) / "temperature.png", knn_init)
     rows = [(f"{tau:g}", harness.pct(log[-1]["knn_top1"]), f"{log[-1]['loss']:.3f}") for tau, log in results.items()]

@@ -28,8 +28,23 @@ def run_script(script, *args, cwd=None):
                           env=env, cwd=cwd, timeout=300)
 
 
-class NoAutocast:
-    """Stands in for common.Run in a direct call of a train_step: fp32 on the CPU."""
+def assert_fp32_under_autocast(loss_fn):
+    """A loss must be the same, to 1e-5, inside a bf16 autocast context and outside one: bf16
+    keeps 8 bits of mantissa, and a matmul in it, divided by a temperature of 0.04, moves a
+    loss in its third digit. Each loss switches autocast off for itself."""
+    fp32 = loss_fn()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss_fn()
+    assert mixed.dtype == torch.float32
+    assert abs(mixed.item() - fp32.item()) <= 1e-5 * max(1.0, abs(fp32.item())), (mixed.item(), fp32.item())
 
-    def autocast(self):
-        return torch.autocast("cpu", enabled=False)
+
+def one_epoch(script, tmp_path, *flags):
+    """Run `script` for one epoch on TINY with `flags`; the run folder, checked for every output."""
+    out = tmp_path / "run"
+    r = run_script(script, *TINY, *flags, "--epochs", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    for name in ["log.jsonl", "checkpoint.pt", "encoder.pt", "views.png", "curves.png", "summary.json"]:
+        assert (out / name).is_file(), name
+    assert not (out / ".lock").exists()                        # released at exit
+    return out

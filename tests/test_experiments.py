@@ -112,7 +112,7 @@ def test_log_axis_ticks_place_points_where_the_labels_are(tmp_path):
 
 def test_bar_plot_lengths_are_proportional(tmp_path):
     bars = [("a", 10.0), ("b", 40.0), ("c", None), ("d", 20.0)]
-    common.bar_plot(bars, tmp_path / "b.png", "title", "x")
+    harness.bar_plot(bars, tmp_path / "b.png", "title", "x")
     img = Image.open(tmp_path / "b.png").convert("RGB")
     widths = []
     for i in range(len(bars)):

@@ -1,98 +1,18 @@
-"""supervised.py and what it added to common: label subsets, labelled batches from a pool,
-the cross-entropy against a naive loop, a tiny network that must fit its batch, the script
-end to end and its errors; SimCLR's --drop-aug switches."""
+"""supervised.py: the cross-entropy against a naive loop, a tiny network that must fit its
+batch, the labelled order of an epoch, the script end to end and its errors."""
 import json
 import math
 from collections import Counter
+from contextlib import nullcontext
 
 import pytest
 import torch
-import torch.nn as nn
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 import common
-import simclr
 import supervised
-from conftest import TINY, NoAutocast, run_script
+from conftest import TINY, assert_fp32_under_autocast, run_script
 
-
-# --- label_subset -----------------------------------------------------------------------------
-
-@given(st.lists(st.integers(0, 4), min_size=1, max_size=120), st.floats(0.01, 1.0), st.floats(0.01, 1.0),
-       st.integers(0, 3))
-def test_label_subset_is_balanced_nested_and_deterministic(labels, f1, f2, seed):
-    y = torch.tensor(labels)
-    small, large = sorted([f1, f2])
-    a = common.label_subset(y, small, seed)
-    b = common.label_subset(y, large, seed)
-    assert torch.equal(a, common.label_subset(y, small, seed))             # same seed, same subset
-    assert torch.equal(a, a.sort().values) and len(a.unique()) == len(a)  # sorted, no repeats
-    assert 0 <= a.min() and a.max() < len(y)
-    counts, want = Counter(y[a].tolist()), Counter(labels)
-    for c, n_c in want.items():              # per class: the nearest whole count, but never none
-        assert counts[c] >= 1 and (counts[c] == 1 or abs(counts[c] - small * n_c) <= 0.5)
-    assert set(a.tolist()) <= set(b.tolist())                              # fewer labels: a subset of more
-    assert torch.equal(common.label_subset(y, 1.0, seed), torch.arange(len(y)))
-
-
-@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
-def test_label_subset_refuses_bad_fractions(fraction):
-    with pytest.raises(common.UserError, match="label fraction"):
-        common.label_subset(torch.tensor([0, 1, 1]), fraction)
-
-
-def test_with_train_subset_keeps_the_test_split():
-    data = common.make_shapes_dataset(16, n_train=50, n_test=20)
-    idx = torch.tensor([3, 7, 11])
-    sub = common.with_train_subset(data, idx)
-    assert torch.equal(sub.train_x, data.train_x[idx]) and torch.equal(sub.train_y, data.train_y[idx])
-    assert sub.test_x is data.test_x and sub.test_y is data.test_y
-
-
-# --- Run.labeled_batches ----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    args = supervised.make_parser().parse_args(TINY + ["--out", str(tmp_path_factory.mktemp("run"))])
-    run = common.Run(args, "supervised", supervised.make_parser())
-    run.model = nn.Identity()
-    # Images that spell their own index (channel 0: i // 256, channel 1: i % 256), labels a
-    # function of it, so a batch can be traced back exactly.
-    i = torch.arange(run.n_train)
-    run.data.train_x = torch.zeros(run.n_train, 3, 16, 16, dtype=torch.uint8)
-    run.data.train_x[:, 0], run.data.train_x[:, 1] = (i // 256).view(-1, 1, 1), (i % 256).view(-1, 1, 1)
-    run.data.train_y = i * 7 % 10
-    return run
-
-
-@pytest.mark.parametrize("pool_size", [1, 5, 64, 100, 256])
-def test_labeled_batches_draw_evenly_from_the_pool(tiny_run, pool_size):
-    run = tiny_run
-    pool = torch.randperm(run.n_train)[:pool_size]
-    seen, steps = Counter(), []
-    for step, x, y in run.labeled_batches(2, pool):
-        assert x.shape == (run.args.batch_size, 3, 16, 16) and y.shape == (run.args.batch_size,)
-        steps.append(step)
-        idx = x[:, 0, 0, 0].long() * 256 + x[:, 1, 0, 0].long()
-        assert torch.equal(y, idx * 7 % 10)                     # each image comes with its own label
-        seen.update(idx.tolist())
-    # The epoch's length does not depend on the pool: steps_per_epoch steps, numbered from epoch 2.
-    assert steps == list(range(2 * run.steps_per_epoch, 3 * run.steps_per_epoch))
-    assert set(seen) <= set(pool.tolist())
-    # Whole permutations of the pool, one after another: every image floor(n/P) or ceil(n/P) times.
-    n = run.steps_per_epoch * run.args.batch_size
-    assert sum(seen.values()) == n
-    assert all(n // pool_size <= seen[i] <= -(-n // pool_size) for i in pool.tolist())
-
-
-def test_batches_without_pool_is_one_permutation(tiny_run):
-    run = tiny_run
-    idx = torch.cat([i for _, i in run._index_batches(0)])
-    assert len(idx) == run.steps_per_epoch * run.args.batch_size and len(idx.unique()) == len(idx)
-
-
-# --- the loss and the training step -----------------------------------------------------------
 
 @given(st.integers(0, 100), st.sampled_from([0.0, 0.1, 0.3]))
 def test_supervised_loss_against_naive_loop(seed, eps):
@@ -115,12 +35,28 @@ def test_train_step_fits_one_batch():
     data = common.make_shapes_dataset(16, n_train=32, n_test=8)
     model = supervised.Supervised(common.build_backbone("resnet18", 16, 8), 10)
     opt = common.make_optimizer(common.param_groups(model, 0.0), "sgd", 0.05)
-    x = common.normalize_images(data.train_x.float() / 255, *data.channel_stats())
-    losses = [supervised.train_step(model, opt, x, data.train_y, 0.0, NoAutocast())[0].item() for _ in range(60)]
+    x = common.normalize_images(data.train_x.float() / 255, *data.mean_std())
+    losses = [supervised.train_step(model, opt, x, data.train_y, 0.0, nullcontext())[0].item() for _ in range(60)]
     assert losses[0] > 1.5 and losses[-1] < 0.1 * losses[0]
 
 
-# --- the script -------------------------------------------------------------------------------
+def test_supervised_loss_is_fp32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    logits = 20 * torch.randn(32, 10, generator=g)
+    assert_fp32_under_autocast(lambda: supervised.supervised_loss(logits, torch.arange(32) % 10))
+
+
+@pytest.mark.parametrize("pool_size", [1, 5, 64, 100, 256])
+def test_labeled_order_visits_the_pool_evenly(pool_size):
+    """Whole permutations of the pool, one after another: n indices, each pool image
+    floor(n/P) or ceil(n/P) times, and nothing outside the pool."""
+    pool = torch.randperm(1000)[:pool_size]
+    n = 4 * 64
+    order = supervised.labeled_order(pool, n)
+    seen = Counter(order.tolist())
+    assert len(order) == n and set(seen) <= set(pool.tolist())
+    assert all(n // pool_size <= seen[i] <= -(-n // pool_size) for i in pool.tolist())
+
 
 def test_script_smoke_with_a_tenth_of_the_labels(tmp_path):
     out = tmp_path / "run"
@@ -155,33 +91,7 @@ def test_script_refuses_unlabeled_data(tmp_path):
     assert r.returncode != 0 and "needs labels" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_load_encoder_names_a_folder_that_is_not_a_run(tmp_path):
-    with pytest.raises(common.UserError, match=str(tmp_path)):
-        common.load_encoder(tmp_path)
-
-
-# --- SimCLR's augmentation switches -----------------------------------------------------------
-
-def test_drop_every_part_leaves_only_normalisation():
-    stats = ([0.4, 0.5, 0.6], [0.2, 0.25, 0.3])
-    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
-    aug = simclr.simclr_augment(stats, 16, drop=simclr.AUGMENT_PARTS)
-    want = (x.float() / 255 - torch.tensor(stats[0]).view(1, 3, 1, 1)) / torch.tensor(stats[1]).view(1, 3, 1, 1)
-    torch.testing.assert_close(aug(x), want, atol=1e-5, rtol=0)
-
-
-def test_drop_switches_one_part_each():
-    full = simclr.simclr_augment(([0.5] * 3, [0.5] * 3), 32)
-    assert full.jitter_p > 0 and full.gray_p > 0 and full.flip_p > 0 and full.scale[0] < 1 and full.blur_p > 0
-    assert full.jitter == (0.8, 0.8, 0.8, 0.2)                 # solo-learn's symmetric.yaml
-    changed = {part: simclr.simclr_augment(([0.5] * 3, [0.5] * 3), 32, drop=[part]) for part in ("crop", "flip",
-                                                                                                  "jitter", "gray")}
-    assert changed["crop"].scale == (1.0, 1.0) and changed["crop"].jitter_p == full.jitter_p
-    assert changed["flip"].flip_p == 0 and changed["flip"].scale == full.scale
-    assert changed["jitter"].jitter_p == 0 and changed["jitter"].gray_p == full.gray_p
-    assert changed["gray"].gray_p == 0 and changed["gray"].jitter_p == full.jitter_p
-
-
-def test_simclr_script_refuses_unknown_part(tmp_path):
-    r = run_script("simclr.py", *TINY, "--drop-aug", "sepia", "--out", str(tmp_path / "run"))
-    assert r.returncode == 2 and "--drop-aug" in r.stderr and "sepia" in r.stderr
+def test_script_refuses_bad_label_smoothing(tmp_path):
+    r = run_script("supervised.py", *TINY, "--label-smoothing", "5", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "--label-smoothing" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()

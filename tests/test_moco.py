@@ -1,7 +1,9 @@
-"""MoCo, BYOL and SimSiam pieces against independent oracles: naive loops over candidates,
-closed forms, a Python deque for the queue, per-group BatchNorm for the split BatchNorm."""
+"""moco.py against independent oracles: a naive loop over candidates, a Python deque for
+the queue, per-group BatchNorm for the split BatchNorm; the script end to end."""
 import collections
+import json
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -9,18 +11,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
-import byol
 import common
-from conftest import NoAutocast
 import moco
-import simsiam
+from conftest import TINY, assert_fp32_under_autocast, one_epoch, run_script
+
+SMALL = ["--proj-hidden", "64", "--proj-dim", "32", "--queue-size", "200", "--bn-splits", "4"]
 
 
 def unit(t):
     return t / t.norm(dim=1, keepdim=True)
 
-
-# --- MoCo --------------------------------------------------------------------------------
 
 def naive_moco_loss(q, k, queue, tau):
     """For each query, -log softmax of candidate 0 among [k+, queue_1, ..., queue_K]."""
@@ -141,7 +141,7 @@ def test_moco_key_encoder_gets_no_gradient_and_moves_by_ema():
     q_before = [p.detach().clone() for p in model.encoder_q.parameters()]
 
     x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
-    loss, q = moco.train_step(model, opt, x1, x2, 0.9, args, NoAutocast())
+    loss, q = moco.train_step(model, opt, x1, x2, 0.9, args, nullcontext())
     assert torch.isfinite(loss) and q.shape == (4, 16)
     for p, kb, qb in zip(model.encoder_k.parameters(), k_before, q_before):
         assert p.grad is None and not p.requires_grad
@@ -177,63 +177,56 @@ def test_moco_keys_are_unshuffled_and_normalised_within_their_shuffled_group():
         assert not torch.allclose(k, model.encoder_k(x), atol=1e-3)   # whole-batch BN differs
 
 
-# --- BYOL --------------------------------------------------------------------------------
+def test_moco_queue_survives_resume(tmp_path, monkeypatch):
+    """Interrupt after epoch 1, resume to epoch 2: the weights and the queue (contents and
+    pointer) equal those of an uninterrupted two-epoch run."""
+    args = TINY + SMALL + ["--epochs", "2", "--eval-every", "0"]
+    straight, interrupted = tmp_path / "a", tmp_path / "b"
+    moco.main(args + ["--out", str(straight)])
 
-@given(N=st.integers(1, 8), D=st.integers(1, 12), seed=st.integers(0, 10**6))
-def test_byol_loss_closed_form(N, D, seed):
-    """Mean over rows of || p/|p| - z/|z| ||^2, written with the squared distance."""
-    g = torch.Generator().manual_seed(seed)
-    p, z = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
-    expected = ((unit(p.double()) - unit(z.double())) ** 2).sum(1).mean().item()
-    assert math.isclose(byol.byol_loss(p, z).item(), expected, rel_tol=1e-4, abs_tol=1e-5)
+    real_save = common.save_atomic
 
+    def save_then_interrupt(state, path):
+        real_save(state, path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common, "save_atomic", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        moco.main(args + ["--out", str(interrupted)])
+    monkeypatch.setattr(common, "save_atomic", real_save)
+    first = torch.load(interrupted / "checkpoint.pt", weights_only=True)
+    assert first["epoch"] == 1 and first["model"]["queue"].shape == (200, 32)
+    assert first["model"]["queue_ptr"] == (4 * 2 * 64) % 200      # 4 steps of 2x64 keys, wrapped
+    moco.main(["--resume", str(interrupted / "checkpoint.pt"), "--epochs", "2"])
 
-def test_byol_loss_ends():
-    p = torch.randn(5, 7)
-    assert byol.byol_loss(p, 3 * p).item() == pytest.approx(0, abs=1e-6)      # same direction
-    assert byol.byol_loss(p, -p).item() == pytest.approx(4, abs=1e-5)        # opposite
-
-
-def test_byol_and_simsiam_losses_send_no_gradient_into_z():
-    p = torch.randn(6, 5, requires_grad=True)
-    for loss_fn in (byol.byol_loss, simsiam.simsiam_loss):
-        z = torch.randn(6, 5, requires_grad=True)
-        loss_fn(p, z).backward()
-        assert z.grad is None and p.grad is not None and p.grad.abs().sum() > 0
-        p.grad = None
-    z = torch.randn(6, 5, requires_grad=True)
-    simsiam.simsiam_loss(p, z, stop_grad=False).backward()   # the ablation: now z gets one
-    assert z.grad is not None and z.grad.abs().sum() > 0
-
-
-def test_byol_target_gets_no_gradient_and_follows_by_ema():
-    torch.manual_seed(0)
-    model = byol.BYOL(common.build_backbone("resnet18", 16, width=8), 32, 16, 32)
-    opt = common.make_optimizer(common.param_groups(model, 0.0), "sgd", 0.1)
-    t_before = [p.detach().clone() for p in model.target.parameters()]
-
-    byol.train_step(model, opt, torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), 0.8, NoAutocast())
-    for p, tb, o in zip(model.target.parameters(), t_before, model.online.parameters()):
-        assert p.grad is None and not p.requires_grad
-        assert torch.allclose(p, 0.8 * tb + 0.2 * o.detach(), atol=1e-6)   # EMA of the post-step online
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(interrupted / "checkpoint.pt", weights_only=True)
+    assert not torch.equal(first["model"]["queue"], b["model"]["queue"])   # it did move in epoch 2
+    for k in a["model"]:                                       # the queue and its pointer included
+        assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-@given(total=st.integers(1, 10_000), base=st.floats(0.0, 0.999), final=st.sampled_from([0.999, 1.0]))
-def test_cosine_momentum_ends_and_rises(total, base, final):
-    assert common.cosine_momentum(0, total, base, final) == pytest.approx(base)
-    assert common.cosine_momentum(total, total, base, final) == pytest.approx(final)
-    values = [common.cosine_momentum(s, total, base, final) for s in range(0, total + 1, max(1, total // 7))]
-    assert all(a <= b + 1e-12 for a, b in zip(values, values[1:])) or base > final
-    if total % 2 == 0:
-        assert common.cosine_momentum(total // 2, total, base, final) == pytest.approx((final + base) / 2)
+def test_moco_loss_is_fp32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(32, 64, generator=g)                       # queries close to keys and to some negatives
+    queue = torch.cat([k + 0.5 * torch.randn(32, 64, generator=g), torch.randn(480, 64, generator=g)])
+    q = k + 0.3 * torch.randn(32, 64, generator=g)
+    assert_fp32_under_autocast(lambda: moco.moco_loss(q, k, queue, 0.07))
 
 
-# --- SimSiam -----------------------------------------------------------------------------
+@pytest.mark.parametrize("extra", [[], ["--no-symmetric", "--bn-splits", "1"]])
+def test_one_epoch_writes_every_output(tmp_path, extra):
+    out = one_epoch("moco.py", tmp_path, *SMALL, *extra)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["method"] == "moco" and 0 <= s["knn_top1"] <= 1
+    common.build_backbone("resnet18", 16, width=8).load_state_dict(torch.load(out / "encoder.pt", weights_only=True))
 
-@given(N=st.integers(1, 8), D=st.integers(1, 12), seed=st.integers(0, 10**6))
-def test_simsiam_loss_closed_form(N, D, seed):
-    g = torch.Generator().manual_seed(seed)
-    p, z = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
-    cos = [float(p[i].double() @ z[i].double() / (p[i].double().norm() * z[i].double().norm())) for i in range(N)]
-    assert math.isclose(simsiam.simsiam_loss(p, z).item(), -sum(cos) / N, rel_tol=1e-4, abs_tol=1e-5)
-    assert math.isclose(simsiam.simsiam_loss(p, z, stop_grad=False).item(), -sum(cos) / N, rel_tol=1e-4, abs_tol=1e-5)
+
+@pytest.mark.parametrize("args,needle", [
+    (["--momentum", "1.5"], "--momentum"),
+    (["--bn-splits", "5"], "--bn-splits"),
+    (["--queue-size", "0"], "--queue-size"),
+])
+def test_bad_flags_give_clear_errors(tmp_path, args, needle):
+    r = run_script("moco.py", *TINY, "--out", str(tmp_path / "o"), *args)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()                       # nothing written

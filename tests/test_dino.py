@@ -1,91 +1,21 @@
-"""DINO and MAE pieces against independent oracles: naive loops, formulas, inverses."""
+"""dino.py against independent oracles: a naive loop for the loss, the centre's formula, the
+head's cosines, per-tensor clipping; the paper's crops; the script end to end."""
+import json
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
 from hypothesis import given, strategies as st
+from PIL import Image
 
 import common
-from conftest import NoAutocast
 import dino
-import mae
+from conftest import TINY, assert_fp32_under_autocast, one_epoch, run_script
 
+SMALL = ["--subset", "128", "--head-hidden", "64", "--head-bottleneck", "16", "--out-dim", "64",
+         "--local-crops", "2", "--local-size", "8"]
 
-# --- MAE: patches and masking -------------------------------------------------------------
-
-@given(B=st.integers(1, 3), grid=st.integers(1, 5), p=st.integers(1, 4), C=st.sampled_from([1, 3]),
-       seed=st.integers(0, 1000))
-def test_patchify_round_trip_and_layout(B, grid, p, C, seed):
-    g = torch.Generator().manual_seed(seed)
-    imgs = torch.randn(B, C, grid * p, grid * p, generator=g)
-    patches = mae.patchify(imgs, p)
-    assert patches.shape == (B, grid * grid, p * p * C)
-    assert torch.equal(mae.unpatchify(patches, p, C), imgs)
-    # Patch l is the block at row l // grid, column l % grid, flattened as (p, p, C).
-    l = grid * grid - 1
-    r, c = divmod(l, grid)
-    block = imgs[0, :, r * p:(r + 1) * p, c * p:(c + 1) * p].permute(1, 2, 0).reshape(-1)
-    assert torch.equal(patches[0, l], block)
-
-
-@given(B=st.integers(1, 6), L=st.integers(1, 40), ratio=st.floats(0.0, 0.95), seed=st.integers(0, 10**6))
-def test_random_masking_properties(B, L, ratio, seed):
-    torch.manual_seed(seed)
-    D = 3
-    # Token l of sample b carries its own identity: (b, l, b * 1000 + l).
-    x = torch.stack(torch.meshgrid(torch.arange(B), torch.arange(L), indexing="ij"), -1).float()
-    x = torch.cat([x, (x[..., :1] * 1000 + x[..., 1:])], -1)    # (B, L, 3)
-    kept, mask, ids_restore = mae.random_masking(x, ratio)
-    keep = int(L * (1 - ratio))
-    assert kept.shape == (B, keep, D) and mask.shape == (B, L) and ids_restore.shape == (B, L)
-    assert torch.equal(mask.sum(1), torch.full((B,), float(L - keep)))
-    assert set(mask.unique().tolist()) <= {0.0, 1.0}
-    for b in range(B):
-        assert sorted(ids_restore[b].tolist()) == list(range(L))        # a permutation
-        visible = kept[b, :, 1].long().tolist()                         # positions that were kept
-        assert len(set(visible)) == keep and all(int(v) == b for v in kept[b, :, 0].tolist())
-        assert sorted(visible) == [l for l in range(L) if mask[b, l] == 0]
-        # ids_restore inverts the shuffle: shuffled[ids_restore] is the original order.
-        shuffle = torch.argsort(ids_restore[b])
-        assert torch.equal(shuffle[ids_restore[b]], torch.arange(L))
-        assert shuffle[:keep].tolist() == visible
-
-
-def test_samples_are_masked_independently():
-    torch.manual_seed(0)
-    _, mask, _ = mae.random_masking(torch.zeros(64, 16, 2), 0.75)
-    assert len({tuple(m.tolist()) for m in mask}) > 60          # nearly all 64 masks differ
-
-
-@given(seed=st.integers(0, 1000), ratio=st.sampled_from([0.25, 0.5, 0.75]))
-def test_mae_loss_ignores_visible_patches(seed, ratio):
-    torch.manual_seed(seed)
-    pred, target = torch.randn(3, 16, 12), torch.randn(3, 16, 12)
-    _, mask, _ = mae.random_masking(torch.zeros(3, 16, 1), ratio)
-    changed = torch.where(mask.bool().unsqueeze(-1), pred, pred + 100 * torch.randn_like(pred))
-    assert torch.allclose(mae.mae_loss(pred, target, mask), mae.mae_loss(changed, target, mask))
-    naive = sum(float(((pred[b, l] - target[b, l]) ** 2).mean()) for b in range(3) for l in range(16)
-                if mask[b, l] == 1) / float(mask.sum())
-    assert math.isclose(mae.mae_loss(pred, target, mask).item(), naive, rel_tol=1e-5)
-
-
-def test_norm_pix_targets_have_zero_mean_unit_variance_per_patch():
-    t = mae.patch_targets(torch.rand(2, 3, 8, 8) * 5 + 2, 4, norm_pix=True)
-    assert torch.allclose(t.mean(-1), torch.zeros(2, 4), atol=1e-5)
-    assert torch.allclose(t.var(-1), torch.ones(2, 4), atol=1e-3)
-
-
-def test_mae_encoder_sees_only_visible_tokens_and_decoder_restores_order():
-    torch.manual_seed(0)
-    enc = common.ViT(image_size=16, patch_size=4, dim=32, depth=2, heads=2)
-    model = mae.MAE(enc, 16, 1, 2)
-    latent, mask, ids_restore = model.forward_encoder(torch.randn(2, 3, 16, 16), 0.75)
-    assert latent.shape == (2, 1 + 4, 32)                        # [CLS] + 25% of 16 patches
-    pred = model.forward_decoder(latent, ids_restore)
-    assert pred.shape == (2, 16, 4 * 4 * 3)
-
-
-# --- DINO ---------------------------------------------------------------------------------
 
 def naive_dino_loss(student, teacher, center, ts, tt):
     """Loop over teacher crops j, student crops i != j and images b."""
@@ -160,7 +90,7 @@ def test_dino_teacher_gets_no_gradient_multicrop_shapes_and_ema():
     with torch.no_grad():
         t_out = model.teacher(g).view(2, 3, 20)
     model.teacher.train()
-    loss, z = dino.train_step(model, opt, g, loc, 0.04, 0.9, args, NoAutocast())
+    loss, z = dino.train_step(model, opt, g, loc, 0.04, 0.9, args, nullcontext())
     assert torch.isfinite(loss) and z.shape == (3, 20)
     for p, tb, sp in zip(model.teacher.parameters(), t_before, model.student.parameters()):
         assert p.grad is None and not p.requires_grad
@@ -213,38 +143,34 @@ def test_dino_crops_follow_the_paper():
     assert dino.dino_augments(([0.5] * 3, [0.5] * 3), 32, 16, local_crops=0)[0].scale == (0.14, 1.0)
 
 
-# --- MAE: positions, initialisation, what is trained ------------------------------------------
-
-def test_sincos_positions_closed_form():
-    """Entry (l, c) for patch l at row r, column q: the first half of the channels encodes q,
-    the second r; within a half, sin for the first quarter and cos for the second."""
-    dim, grid = 16, 3
-    pos = mae.sincos_positions(dim, grid)
-    assert pos.shape == (1, 1 + grid * grid, dim) and torch.equal(pos[0, 0], torch.zeros(dim))
-    n = dim // 4
-    for l in range(grid * grid):
-        r, q = divmod(l, grid)
-        for c in range(dim):
-            coord = q if c < dim // 2 else r
-            k = c % (dim // 2)
-            w = 1 / 10000 ** ((k % n) / n)
-            want = math.sin(coord * w) if k < n else math.cos(coord * w)
-            assert abs(pos[0, 1 + l, c].item() - want) < 1e-6
+def test_dino_loss_is_fp32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    s, t, c = torch.randn(4, 16, 512, generator=g), torch.randn(2, 16, 512, generator=g), torch.randn(512, generator=g)
+    assert_fp32_under_autocast(lambda: dino.dino_loss(s, t, 0.1 * c, 0.1, 0.04))
 
 
-def test_mae_positions_are_fixed_and_tokens_not_decayed():
-    torch.manual_seed(0)
-    enc = common.ViT(image_size=16, patch_size=4, dim=32, depth=2, heads=2)
-    model = mae.MAE(enc, 16, 1, 2)
-    assert torch.equal(enc.pos_embed, mae.sincos_positions(32, 4)) and not enc.pos_embed.requires_grad
-    assert torch.equal(model.decoder_pos, mae.sincos_positions(16, 4)) and "decoder_pos" in dict(model.named_buffers())
-    groups = common.param_groups(model, 0.05, no_decay=("cls_token", "mask_token"))
-    decayed = {id(p) for g in groups if g["decay"] for p in g["params"]}
-    assert id(enc.cls_token) not in decayed and id(model.mask_token) not in decayed
-    assert id(enc.blocks[0].attn.qkv.weight) in decayed
-    assert all(id(enc.pos_embed) != id(p) for g in groups for p in g["params"])   # not trained at all
-    # xavier-uniform: every Linear's weights within the bound sqrt(6 / (fan_in + fan_out))
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            bound = math.sqrt(6 / sum(m.weight.shape))
-            assert m.weight.abs().max() <= bound and m.weight.abs().max() > 0.8 * bound and (m.bias == 0).all()
+def test_dino_one_epoch_writes_attention_maps(tmp_path):
+    out = one_epoch("dino.py", tmp_path, *SMALL)
+    assert (out / "attention.png").is_file()
+    w, h = Image.open(out / "attention.png").size
+    assert h > w > 0                                           # 8 rows, 1 + 3 heads columns
+    s = json.loads((out / "summary.json").read_text())
+    assert s["method"] == "dino" and 0 <= s["knn_top1"] <= 1
+
+
+def test_dino_with_a_resnet(tmp_path):
+    out = one_epoch("dino.py", tmp_path, *SMALL, "--arch", "resnet18")
+    assert not (out / "attention.png").exists()
+    common.build_backbone("resnet18", 16, width=8).load_state_dict(torch.load(out / "encoder.pt", weights_only=True))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--momentum", "1"], "--momentum"),
+    (["--local-size", "6"], "--local-size"),
+    (["--local-size", "32"], "--local-size"),                 # larger than the image
+    (["--clip-grad", "-1"], "--clip-grad"),
+])
+def test_bad_flags_give_clear_errors(tmp_path, args, needle):
+    r = run_script("dino.py", *TINY, "--out", str(tmp_path / "o"), *args)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,9 +1,8 @@
-"""Backbones and heads: output shapes, zero-init residuals, stochastic depth, the ViT's
-attention weights, and the fine-tuning classifier with its layer-wise learning rates."""
+"""Backbones and heads (common.py, section 3): output shapes, zero-init residuals,
+stochastic depth, the ViT's attention weights."""
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
 
 import common
 
@@ -92,48 +91,3 @@ def test_mlp_head():
     head = common.mlp([16, 32, 8])
     assert head(torch.randn(4, 16)).shape == (4, 8)
     assert [type(m) for m in head] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear]
-
-
-# --- fine-tuning: the classifier and its learning rates ---------------------------------------
-
-def test_classifier_pools_the_patch_tokens_of_a_vit():
-    torch.manual_seed(0)
-    vit = small_vit().eval()
-    clf = common.Classifier(vit, 5).eval()
-    x = torch.randn(3, 3, 16, 16)
-    tokens = vit.features(x)                                   # (3, 17, 32)
-    want = clf.head(F.layer_norm(tokens[:, 1:].mean(1), (32,), clf.fc_norm.weight, clf.fc_norm.bias, 1e-6))
-    assert torch.allclose(clf(x), want, atol=1e-5)
-    assert clf.head.weight.abs().max() < 1e-4                  # starts near 0 (MAE: std 2e-5)
-    resnet = common.build_backbone("resnet18", 16, width=8).eval()
-    clf = common.Classifier(resnet, 5).eval()
-    assert torch.allclose(clf(x), clf.head(resnet(x)), atol=1e-6)   # a ResNet's own pooled feature
-
-
-def test_layer_decay_scales_closed_form():
-    """rate^(n + 1 - layer): the head 1, block i rate^(n - i), the embeddings rate^(n + 1)."""
-    clf = common.Classifier(common.ViT(16, 4, dim=32, depth=3, heads=4), 5)
-    scale = common.layer_decay(clf, 0.5)
-    assert scale("head.weight") == 1 and scale("fc_norm.bias") == 1
-    assert scale("backbone.blocks.2.mlp.0.weight") == 0.5
-    assert scale("backbone.blocks.0.attn.qkv.weight") == 0.125
-    for name in ("backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.weight"):
-        assert scale(name) == 0.0625
-    groups = common.param_groups(clf, 0.05, no_decay=("cls_token", "pos_embed"), lr_scale=scale)
-    assert sorted({g["lr_scale"] for g in groups}) == [0.0625, 0.125, 0.25, 0.5, 1.0]
-    assert sum(len(g["params"]) for g in groups) == len(list(clf.parameters()))
-
-
-@given(seed=st.integers(0, 100))
-def test_fine_tune_learns_separable_colours(seed):
-    """Two classes told apart by colour alone: a few epochs of fine-tuning must beat chance
-    by far, ResNet and ViT alike (layer decay and drop path on)."""
-    torch.manual_seed(seed)
-    y = torch.arange(128) % 2
-    x = torch.zeros(128, 3, 8, 8, dtype=torch.uint8)
-    x[y == 0, 0], x[y == 1, 2] = 220, 220
-    x = (x.int() + torch.randint(0, 30, x.shape)).clamp(0, 255).byte()
-    data = common.Dataset(x, y, x[:32], y[:32], ["r", "b"], "toy")
-    stats = data.channel_stats()
-    vit = common.ViT(8, 4, dim=16, depth=2, heads=2)
-    assert common.fine_tune(vit, data, stats, epochs=6, batch_size=32, lr=4e-3) >= 0.9

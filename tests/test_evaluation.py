@@ -1,0 +1,106 @@
+"""Evaluation (common.py, section 5): kNN against a naive loop, the linear probe and kNN on
+features that answer by construction, the fine-tuning classifier and its learning rates."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import common
+
+
+def naive_knn(train_f, train_y, test_f, C, k, t):
+    preds = []
+    for q in test_f:
+        sims = [(float(q @ f / (q.norm() * f.norm())), int(y)) for f, y in zip(train_f, train_y)]
+        sims.sort(key=lambda s: -s[0])
+        votes = [0.0] * C
+        for s, y in sims[:k]:
+            votes[y] += math.exp(s / t)
+        preds.append(max(range(C), key=lambda c: votes[c]))
+    return preds
+
+
+@given(seed=st.integers(0, 1000), k=st.integers(1, 40), C=st.integers(2, 5))
+def test_knn_against_naive_loop(seed, k, C):
+    g = torch.Generator().manual_seed(seed)
+    train_f, test_f = torch.randn(40, 6, generator=g).double(), torch.randn(15, 6, generator=g).double()
+    train_y = torch.randint(0, C, (40,), generator=g)
+    got = common.knn_predict(train_f, train_y, test_f, C, k=k, t=0.1, chunk=4)
+    assert got.tolist() == naive_knn(train_f, train_y, test_f, C, k, 0.1)
+
+
+class Oracle(torch.nn.Module):
+    """A 'backbone' whose features are the label itself: kNN and the linear probe must be perfect."""
+    dim = 2
+
+    def forward(self, x):
+        return torch.stack([x[:, 0].mean((1, 2)), x[:, 1].mean((1, 2))], 1)
+
+
+def test_knn_and_linear_probe_on_separable_features():
+    y = torch.arange(200) % 2
+    x = torch.zeros(200, 3, 4, 4, dtype=torch.uint8)
+    x[y == 0, 0], x[y == 1, 1] = 200, 200
+    data = common.Dataset(x, y, x[::5], y[::5], ["a", "b"], "toy")
+    mean_std = ([0.0] * 3, [1.0] * 3)
+    assert common.knn_top1(Oracle(), data, mean_std) == 1.0
+    assert common.linear_probe(Oracle(), data, mean_std, epochs=30) == 1.0
+    # Training labels flipped for 70% of each group: the neighbours' majority is now the
+    # wrong class for every test image, so kNN must score exactly 0.
+    flipped = torch.where((torch.arange(200) // 2) % 10 < 7, 1 - y, y)
+    wrong_labels = common.Dataset(x, flipped, x[::5], y[::5], ["a", "b"], "toy")
+    assert common.knn_top1(Oracle(), wrong_labels, mean_std) == 0.0
+
+
+def small_vit(image_size=16, patch=4):
+    return common.ViT(image_size, patch, dim=32, depth=2, heads=4)
+
+
+def test_classifier_pools_the_patch_tokens_of_a_vit():
+    torch.manual_seed(0)
+    vit = small_vit().eval()
+    clf = common.Classifier(vit, 5).eval()
+    x = torch.randn(3, 3, 16, 16)
+    tokens = vit.features(x)                                   # (3, 17, 32)
+    want = clf.head(F.layer_norm(tokens[:, 1:].mean(1), (32,), clf.fc_norm.weight, clf.fc_norm.bias, 1e-6))
+    assert torch.allclose(clf(x), want, atol=1e-5)
+    assert clf.head.weight.abs().max() < 1e-4                  # starts near 0 (MAE: std 2e-5)
+    resnet = common.build_backbone("resnet18", 16, width=8).eval()
+    clf = common.Classifier(resnet, 5).eval()
+    assert torch.allclose(clf(x), clf.head(resnet(x)), atol=1e-6)   # a ResNet's own pooled feature
+
+
+def test_layer_decay_scales_closed_form():
+    """rate^(n + 1 - layer): the head 1, block i rate^(n - i), the embeddings rate^(n + 1)."""
+    clf = common.Classifier(common.ViT(16, 4, dim=32, depth=3, heads=4), 5)
+    scale = common.layer_decay(clf, 0.5)
+    assert scale("head.weight") == 1 and scale("fc_norm.bias") == 1
+    assert scale("backbone.blocks.2.mlp.0.weight") == 0.5
+    assert scale("backbone.blocks.0.attn.qkv.weight") == 0.125
+    for name in ("backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.weight"):
+        assert scale(name) == 0.0625
+    groups = common.param_groups(clf, 0.05, no_decay=("cls_token", "pos_embed"), lr_scale=scale)
+    assert sorted({g["lr_scale"] for g in groups}) == [0.0625, 0.125, 0.25, 0.5, 1.0]
+    assert sum(len(g["params"]) for g in groups) == len(list(clf.parameters()))
+
+
+@given(seed=st.integers(0, 100))
+def test_fine_tune_learns_separable_colours(seed):
+    """Two classes told apart by colour alone: a few epochs of fine-tuning must beat chance
+    by far, ResNet and ViT alike (layer decay and drop path on)."""
+    torch.manual_seed(seed)
+    y = torch.arange(128) % 2
+    x = torch.zeros(128, 3, 8, 8, dtype=torch.uint8)
+    x[y == 0, 0], x[y == 1, 2] = 220, 220
+    x = (x.int() + torch.randint(0, 30, x.shape)).clamp(0, 255).byte()
+    data = common.Dataset(x, y, x[:32], y[:32], ["r", "b"], "toy")
+    mean_std = data.mean_std()
+    vit = common.ViT(8, 4, dim=16, depth=2, heads=2)
+    assert common.fine_tune(vit, data, mean_std, epochs=6, batch_size=32, lr=4e-3) >= 0.9
+
+
+def test_load_encoder_names_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(common.UserError, match=str(tmp_path)):
+        common.load_encoder(tmp_path)
