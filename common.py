@@ -86,10 +86,11 @@ class Dataset:
                        move(self.test_y), self.classes, self.name)
 
     def mean_std(self):
-        """Per-channel mean and std of the training images in [0, 1], used to normalise."""
+        """Per-channel mean and std of the training images in [0, 1], used to normalise. A
+        channel that never changes gets std 1/255 rather than 0, which would divide by zero."""
         step = max(1, len(self.train_x) // 10000)              # strided: folders are sorted by class
         x = self.train_x[::step].float() / 255                 # (n, 3, H, W)
-        return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+        return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).clamp(min=1 / 255).tolist()
 
 
 def load_data(spec, data_dir, image_size=32, subset=0, seed=0):
@@ -101,7 +102,10 @@ def load_data(spec, data_dir, image_size=32, subset=0, seed=0):
         data = make_shapes_dataset(image_size)
     else:
         data = load_image_tree(Path(spec), image_size, data_dir / "cache")
-    if subset:
+    if subset > len(data.train_x):
+        print(f"note: --subset {subset} is more than the {len(data.train_x)} training images; using all of "
+              f"them.", file=sys.stderr)
+    elif subset:
         # A random (seeded) subset, not the first N: folders are sorted by class.
         keep = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))[:subset]
         data.train_x = data.train_x[keep]
@@ -189,8 +193,13 @@ def download(url, dest, md5):
             f"--data PATH (an image folder or a .tar.gz of one).")
     if os.environ.get("SSL_OFFLINE"):
         raise UserError(f"{dest} not found and $SSL_OFFLINE is set, so nothing is downloaded. {hint}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        open(part, "wb").close()
+    except OSError as e:
+        raise UserError(f"--data-dir {dest.parent}: cannot write the download there ({type(e).__name__}: "
+                        f"{e}). Point --data-dir at a writable folder.") from None
     digest = hashlib.md5()
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f:
@@ -236,20 +245,33 @@ def _list_images(path):
                     f"image folder (train/ and test/ with one subfolder per class) or a .tar.gz of one.")
 
 
-def _split_layout(names):
-    """Map relative names to (split, class or None, name). Layout: an optional single top
-    folder, then train/ and test/, each with one subfolder per class (or flat images, unlabeled);
-    with no train/ at all, every image is unlabeled training data."""
-    parts = [n.split("/") for n in names]
-    while parts and all(len(p) > 1 for p in parts) and len({p[0] for p in parts}) == 1 \
-            and parts[0][0] not in ("train", "test"):
-        parts = [p[1:] for p in parts]                         # strip the single top-level folder
-    if not any(p[0] == "train" and len(p) > 1 for p in parts):
-        parts = [["train"] + p for p in parts]                  # a plain folder: all training data
-    splits = {"train": [], "test": []}
-    for name, p in zip(names, parts):
-        if p[0] in splits and len(p) > 1:
-            splits[p[0]].append((name, p[1:]))
+def _split_layout(names, where):
+    """Map relative names to {split: [(name, class or None)]}. The data are the train/ and
+    test/ folders found under one common root (the folder itself, or a folder in it at any
+    depth), each with one subfolder per class, or flat images (unlabeled). With no train/
+    anywhere, every image is unlabeled training data. Two roots with a train/ are refused."""
+    parts = {n: n.split("/") for n in names}
+    first = {n: p.index("train") for n, p in parts.items() if "train" in p[:-1]}   # the shallowest train/
+    roots = sorted({tuple(parts[n][:i]) for n, i in first.items()})
+    if len(roots) > 1:
+        found = ", ".join("/".join(r + ("train",)) for r in roots)
+        raise UserError(f"--data {where}: found more than one train/ folder ({found}); keep one, or point "
+                        f"--data at the folder that holds the train/ and test/ you mean.")
+    if not roots:
+        if any("test" in p[:-1] for p in parts.values()):
+            raise UserError(f"--data {where}: found test/ but no train/ images.")
+        return {"train": [(n, None) for n in names]}          # a plain folder: all training data
+    root = roots[0]
+    splits, ignored = {"train": [], "test": []}, []
+    for name, p in parts.items():
+        rest = p[len(root):]
+        if p[:len(root)] == list(root) and len(rest) > 1 and rest[0] in splits:
+            splits[rest[0]].append((name, rest[1:]))
+        else:
+            ignored.append(name)
+    if ignored:
+        print(f"note: {len(ignored)} images outside {'/'.join(root + ('train',))} and test/ are not used, "
+              f"such as {ignored[0]}.", file=sys.stderr)
     out = {}
     for split, items in splits.items():
         if not items:
@@ -263,12 +285,27 @@ def _split_layout(names):
     return out
 
 
+def _to_rgb(im):
+    """Any pillow mode as 8-bit RGB. 16-bit images are divided by 257 (65535 -> 255); 32-bit
+    integer and float images are stretched from their own minimum to their maximum, since
+    their range has no fixed meaning; the rest go through pillow's convert."""
+    if im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float64) / 257
+    elif im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = a.min(), a.max()
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+    else:
+        return im.convert("RGB")
+    return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+
+
 def _decode(name, blob, size):
     try:
-        im = Image.open(io.BytesIO(blob))
-        im = im.convert("RGB")
+        im = _to_rgb(Image.open(io.BytesIO(blob)))
     except Exception as e:
-        raise UserError(f"cannot read image {name} ({type(e).__name__}: {e}). Remove or replace that "
+        why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))   # pillow names its buffer
+        raise UserError(f"cannot read image {name} ({type(e).__name__}: {why}). Remove or replace that "
                         f"file and run again.") from None
     if im.size != (size, size):
         # Scale the shorter side to `size`, then take the central square.
@@ -289,24 +326,32 @@ def load_image_tree(path, image_size, cache_dir):
     key = hashlib.sha1(json.dumps([str(path.resolve()), image_size, stamp]).encode()).hexdigest()[:16]
     cache = cache_dir / f"{path.name.split('.')[0]}-{image_size}px-{key}.npz"
     if cache.exists():
-        with np.load(cache, allow_pickle=False) as z:
-            arr = {k: torch.from_numpy(z[k]) for k in z.files if k != "classes"}
-            classes = z["classes"].tolist()
-        return Dataset(arr["train_x"], arr.get("train_y"), arr.get("test_x"), arr.get("test_y"),
-                       classes, path.name)
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                arr = {k: torch.from_numpy(z[k]) for k in z.files if k != "classes"}
+                classes = z["classes"].tolist()
+            return Dataset(arr["train_x"], arr.get("train_y"), arr.get("test_x"), arr.get("test_y"),
+                           classes, path.name)
+        except Exception as e:                                 # a cache cut short: decode again
+            print(f"note: the cache {cache} is unreadable ({type(e).__name__}); decoding the images again.",
+                  file=sys.stderr)
+            cache.unlink(missing_ok=True)
 
-    layout = _split_layout(list(readers))
-    if "train" not in layout:
-        raise UserError(f"--data {path}: found test/ but no train/ images.")
+    layout = _split_layout(list(readers), path)
     train_classes = {c for _, c in layout["train"]}
     classes = sorted(train_classes) if None not in train_classes else []
+    if len(classes) == 1:
+        print(f"note: {path} has a single class, {classes[0]}: nothing to tell apart, so no kNN or probe.",
+              file=sys.stderr)
+        classes = []
     arrays = {}
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         for split, items in layout.items():
             if split == "test" and not classes:
-                print(f"note: {path} train/ has no class folders, so test/ is not used (no kNN).",
-                      file=sys.stderr)
+                if None in train_classes:
+                    print(f"note: {path} train/ has no class folders, so test/ is not used (no kNN).",
+                          file=sys.stderr)
                 continue
             unknown = {c for _, c in items} - set(classes)
             if split == "test" and unknown:
@@ -1541,10 +1586,10 @@ class Run:
                 f.write(str(os.getpid()))
         except OSError as e:
             raise UserError(f"--out {self.out}: cannot write there ({type(e).__name__}: {e}).") from None
-        atexit.register(self._release)
+        atexit.register(self.release)
         ACTIVE["run"] = self
 
-    def _release(self):
+    def release(self):
         """At exit: drop the lock; a run stopped before its first checkpoint leaves no litter."""
         if not self.args.resume and self.checkpoints == 0:
             for name in ("views.png", "log.jsonl"):
@@ -1691,9 +1736,13 @@ def run_main(main):
     try:
         main()
     except UserError as e:
+        if ACTIVE.get("run"):
+            ACTIVE["run"].release()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        if ACTIVE.get("run"):
+            ACTIVE["run"].release()
         ckpt = ACTIVE["run"].out / "checkpoint.pt" if ACTIVE.get("run") else None
         if ckpt is not None and ckpt.exists():
             epoch = torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"]

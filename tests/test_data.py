@@ -211,3 +211,73 @@ def test_corrupt_image_gives_clear_error(tmp_path):
     (tmp_path / "d" / "train" / "a" / "bad.png").write_bytes(b"\x89PNG truncated")
     r = run_simclr("--data", str(tmp_path / "d"), "--data-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o"))
     assert r.returncode != 0 and "bad.png" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- faults and odd inputs ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,values,want", [
+    ("I;16", [0, 257 * 100, 65535], [0, 100, 255]),           # 16 bits: divided by 257
+    ("I", [-1000, 0, 3000], [0, 64, 255]),                     # 32-bit integers: their own range
+    ("F", [0.0, 0.25, 1.0], [0, 64, 255]),                     # floats: their own range
+])
+def test_images_of_any_mode_decode_to_8_bits(tmp_path, mode, values, want):
+    arr = np.array([values * 4] * 12, dtype={"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode])   # (12, 12)
+    im = Image.fromarray(arr)
+    assert im.mode == mode
+    path = tmp_path / "imgs" / ("a.tif" if mode != "I;16" else "a.png")
+    path.parent.mkdir()
+    im.save(path)
+    x = common.load_data(str(tmp_path / "imgs"), tmp_path / "data", image_size=12).train_x[0]   # (3, 12, 12)
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])            # grey
+    assert x[0, 0, :3].tolist() == want
+
+
+def test_train_and_test_are_found_beside_other_folders(tmp_path):
+    """A root with train/, test/ and a stray folder and file: the pair is used, the rest
+    left out with a note, never mixed into one unlabelled set with the test images."""
+    make_tree(tmp_path / "d" / "pets")
+    save_image(tmp_path / "d" / "pets" / "extra" / "x.png")
+    save_image(tmp_path / "d" / "pets" / "loose.png")
+    d = common.load_data(str(tmp_path / "d"), tmp_path / "data", image_size=32)
+    assert d.classes == ["cat", "dog"] and d.train_x.shape[0] == 10 and d.test_x.shape[0] == 4
+
+
+def test_two_train_folders_are_refused_with_what_was_found(tmp_path):
+    make_tree(tmp_path / "d" / "a")
+    make_tree(tmp_path / "d" / "b")
+    with pytest.raises(common.UserError, match="more than one train/.*a/train.*b/train"):
+        common.load_data(str(tmp_path / "d"), tmp_path / "data")
+
+
+def test_a_single_class_trains_without_knn(tmp_path, capsys):
+    for split in ("train", "test"):
+        for i in range(3):
+            save_image(tmp_path / "d" / split / "cat" / f"{i}.png", seed=i)
+    d = common.load_data(str(tmp_path / "d"), tmp_path / "data")
+    assert not d.labeled and "single class" in capsys.readouterr().err
+
+
+def test_a_truncated_cache_is_rebuilt(tmp_path, capsys):
+    make_tree(tmp_path / "pets")
+    d1 = common.load_data(str(tmp_path / "pets"), tmp_path / "data", image_size=16)
+    cache = next((tmp_path / "data" / "cache").glob("*.npz"))
+    cache.write_bytes(cache.read_bytes()[:100])                # a copy cut short
+    d2 = common.load_data(str(tmp_path / "pets"), tmp_path / "data", image_size=16)
+    assert torch.equal(d1.train_x, d2.train_x) and "unreadable" in capsys.readouterr().err
+    assert common.load_data(str(tmp_path / "pets"), tmp_path / "data", image_size=16).train_x.shape[0] == 10
+
+
+def test_a_data_dir_that_cannot_hold_the_download(tmp_path, monkeypatch):
+    monkeypatch.delenv("SSL_OFFLINE", raising=False)
+    monkeypatch.setattr(common.urllib.request, "urlopen", lambda *a, **k: pytest.fail("no download expected"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(common.UserError, match="--data-dir .*afile.*cannot write"):
+        common.load_cifar10(tmp_path / "afile")
+
+
+def test_corrupt_image_message_names_the_file_not_a_buffer(tmp_path):
+    make_tree(tmp_path / "pets")
+    (tmp_path / "pets" / "train" / "cat" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(common.UserError) as e:
+        common.load_data(str(tmp_path / "pets"), tmp_path / "data")
+    assert "broken.png" in str(e.value) and "BytesIO" not in str(e.value)
