@@ -113,22 +113,6 @@ def load_data(spec, data_dir, image_size=32, subset=0, seed=0):
     return data
 
 
-def label_subset(labels, fraction, seed=0):
-    """Indices of a class-balanced `fraction` of the labelled images: from each class, the
-    first max(1, round(fraction * n_c)) of a seeded permutation of that class. Prefixes of one
-    permutation, so the 1% subset lies inside the 10% one: a smaller budget only removes labels."""
-    if not 0 < fraction <= 1:
-        raise UserError(f"label fraction {fraction}: must be in (0, 1].")
-    g = torch.Generator().manual_seed(seed)
-    labels = labels.cpu()
-    keep = []
-    for c in labels.unique().tolist():
-        members = (labels == c).nonzero().flatten()            # (n_c,)
-        members = members[torch.randperm(len(members), generator=g)]
-        keep.append(members[:max(1, round(fraction * len(members)))])
-    return torch.cat(keep).sort().values
-
-
 # --- CIFAR-10, the official python archive -------------------------------------------------
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -1052,20 +1036,6 @@ def extract_features(backbone, x, mean_std, batch_size=1024):
     return torch.cat(feats)
 
 
-def load_encoder(run_dir, device="cpu"):
-    """The encoder a finished run exported (encoder.pt), rebuilt from its summary.json."""
-    run_dir = Path(run_dir)
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        a = summary["args"]
-        backbone = build_backbone(a["arch"], summary["image_size"], a["width"], a["patch_size"])
-        backbone.load_state_dict(torch.load(run_dir / "encoder.pt", map_location="cpu", weights_only=True))
-    except (OSError, KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"{run_dir}: not a finished run folder with summary.json and encoder.pt "
-                        f"({type(e).__name__}: {e}).") from None
-    return backbone.to(device), summary
-
-
 def knn_predict(train_f, train_y, test_f, num_classes, k=200, t=0.1, chunk=512):
     """Weighted kNN vote (Wu et al. 2018): each of the k nearest training features (cosine)
     votes for its class with weight exp(cos / t). Returns (M,) predicted labels."""
@@ -1482,7 +1452,41 @@ def save_atomic(obj, path):
         raise UserError(f"could not write {path} ({type(e).__name__}: {e}); {kept}. Is the disk full?") from None
 
 
-ACTIVE = {}                     # the run in progress, for run_main's message on Ctrl-C
+class RunFolder:
+    """A run's output folder, claimed by one process at a time: an exclusive lock file in it
+    (created with O_EXCL, so only one process can create it) holds the owner's pid and is
+    removed at exit. A second run into the same folder stops with the first one's pid
+    instead of interleaving their logs; a lock left by a killed run is taken over."""
+
+    def __init__(self, path):
+        self.path, self.lock = path, path / ".lock"
+
+    def claim(self):
+        self.created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pid = int(self.lock.read_text() or 0)
+                if pid != os.getpid() and _is_running(pid):
+                    raise UserError(f"--out {self.path} is in use by another run (process {pid}); wait for it "
+                                    f"to finish or choose another --out.") from None
+                self.lock.unlink()                             # left by a run that was killed
+                fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as e:
+            raise UserError(f"--out {self.path}: cannot write there ({type(e).__name__}: {e}).") from None
+
+    def release(self, litter=()):
+        """Drop the lock and delete `litter`; remove the folder if this run made it and it is empty."""
+        for name in litter:
+            (self.path / name).unlink(missing_ok=True)
+        if self.lock.exists() and self.lock.read_text() == str(os.getpid()):
+            self.lock.unlink()
+        if self.created and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
 
 
 def _is_running(pid):
@@ -1493,6 +1497,9 @@ def _is_running(pid):
     except PermissionError:                                   # alive, but another user's
         return True
     return True
+
+
+ACTIVE = {}                     # the run in progress, for run_main's message on Ctrl-C
 
 
 class Run:
@@ -1515,14 +1522,15 @@ class Run:
     def __init__(self, args, method):
         self.args, self.method = args, method
         self.device = pick_device(args.device)
-        self.out = Path(args.out)
+        self.folder = RunFolder(Path(args.out))
+        self.out = self.folder.path
         if not args.resume and (self.out / "checkpoint.pt").exists():
             raise UserError(f"--out {self.out} already holds a run (checkpoint.pt). Continue it with "
                             f"--resume {self.out / 'checkpoint.pt'}, or choose another --out.")
         torch.manual_seed(args.seed)
         t0 = time.time()
         data = load_data(args.data, args.data_dir, args.image_size, args.subset, args.seed)
-        self.mean_std = data.mean_std()                   # (mean, std) per channel, to normalise
+        self.mean_std = data.mean_std()                        # (mean, std) per channel, to normalise
         self.data = data.to(self.device)
         self.steps_per_epoch = len(data.train_x) // args.batch_size
         if self.steps_per_epoch == 0:
@@ -1535,81 +1543,42 @@ class Run:
               f"({'labeled' if data.labeled else 'unlabeled, no kNN'}), loaded in {time.time() - t0:.1f}s, "
               f"device {self.device}, output {self.out}", file=sys.stderr)
         cuda = self.device.type == "cuda"
-        if cuda:
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = cuda
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda
         # One autocast context, chosen once: bf16 on CUDA (the matrix units' fast type, fp32's range).
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and not args.fp32 else nullcontext()
-        self.history, self.knn_init, self.train_seconds, self.start_epoch = [], None, 0.0, 0
-        self.checkpoints = 0                                   # written by this process
+        self.history, self.knn_init, self.train_seconds, self.start_epoch, self.checkpoints = [], None, 0.0, 0, 0
 
     def start(self, model, optimizer, backbone):
-        """Claim the output folder, then restore the checkpoint or measure the random-init kNN.
-        Nothing is written before this, so bad input leaves no folder behind."""
+        """Claim the folder (nothing is written before, so bad input leaves none), then restore
+        the checkpoint or measure the random-init kNN; the log is rewritten from the history."""
         self.model, self.optimizer, self.backbone = model, optimizer, backbone
-        self._claim_folder()
+        self.folder.claim()
+        atexit.register(self.release)
+        ACTIVE["run"] = self
         if self.args.resume:
-            c = read_checkpoint(Path(self.args.resume), self.method)
-            model.load_state_dict(c["model"])
-            optimizer.load_state_dict(c["optimizer"])
-            torch.set_rng_state(c["rng"]["torch"])
-            if "cuda" in c["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(c["rng"]["cuda"])
+            c = restore(Path(self.args.resume), self.method, model, optimizer)
             self.start_epoch, self.history, self.knn_init = c["epoch"], c["history"], c["knn_init"]
             self.train_seconds, self.weight_norm_init = c["train_seconds"], c["weight_norm_init"]
             print(f"resumed from {self.args.resume} at epoch {self.start_epoch}", file=sys.stderr)
         else:
-            self.weight_norm_init = self._weight_norm()
+            self.weight_norm_init = weight_norm(model)
             if self.data.labeled:
                 self.knn_init = knn_top1(backbone, self.data, self.mean_std)
                 print(f"kNN top-1 of the random-init encoder: {100 * self.knn_init:.2f}%", file=sys.stderr)
-        # The checkpoint is the source of truth: the log is rewritten from its history.
         (self.out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
 
-    def _claim_folder(self):
-        """Create the folder and an exclusive lock file in it, holding our pid (O_EXCL: only one
-        process can create it), removed at exit. A second run into the same folder stops."""
-        self.created = not self.out.exists()
-        lock = self.out / ".lock"
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                pid = int(lock.read_text() or 0)
-                if pid != os.getpid() and _is_running(pid):
-                    raise UserError(f"--out {self.out} is in use by another run (process {pid}); wait for it "
-                                    f"to finish or choose another --out.") from None
-                lock.unlink()                                  # left by a run that was killed
-                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-        except OSError as e:
-            raise UserError(f"--out {self.out}: cannot write there ({type(e).__name__}: {e}).") from None
-        atexit.register(self.release)
-        ACTIVE["run"] = self
-
     def release(self):
-        """At exit: drop the lock; a run stopped before its first checkpoint leaves no litter."""
-        if not self.args.resume and self.checkpoints == 0:
-            for name in ("views.png", "log.jsonl"):
-                (self.out / name).unlink(missing_ok=True)
-        lock = self.out / ".lock"
-        if lock.exists() and lock.read_text() == str(os.getpid()):
-            lock.unlink()
-        if self.created and self.out.is_dir() and not any(self.out.iterdir()):
-            self.out.rmdir()
-
-    def _weight_norm(self):
-        return torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in self.model.parameters()]))
+        """Drop the lock; a run stopped before its first checkpoint leaves no litter."""
+        keep = self.args.resume or self.checkpoints
+        self.folder.release(() if keep else ("views.png", "log.jsonl"))
 
     def batches(self, epoch, order=None):
         """Yield (global step, indices (B,)) for one epoch, drop_last. `order`: the images to
         visit, at least steps_per_epoch * B indices (default: a fresh permutation of all)."""
         self.model.train()
         self._epoch, self._t0, self._t_print, self._n = epoch, time.time(), time.time(), 0
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._std_sum = torch.zeros((), device=self.device)
+        self._sums = torch.zeros(2, device=self.device)       # loss, collapse monitor
         B = self.args.batch_size
         order = torch.randperm(len(self.data.train_x), device=self.device) if order is None else order
         for i in range(self.steps_per_epoch):
@@ -1618,16 +1587,13 @@ class Run:
     def log_step(self, loss, embeddings):
         """Accumulate the loss and the collapse monitor of `embeddings` (N, D) on the device;
         read them back (one sync) only when printing progress."""
-        self._loss_sum += loss.detach().float()
-        self._std_sum += embedding_std(embeddings)
+        self._sums += torch.stack([loss.detach().float(), embedding_std(embeddings)])
         self._dim, self._n = embeddings.shape[1], self._n + 1
         if time.time() - self._t_print >= (1.0 if sys.stderr.isatty() else 30.0):
-            self._t_print = time.time()
-            done, elapsed = self._n / self.steps_per_epoch, time.time() - self._t0
+            self._t_print, done, elapsed = time.time(), self._n / self.steps_per_epoch, time.time() - self._t0
             left = (self.args.epochs - self._epoch - done) * elapsed / done
-            line = (f"epoch {self._epoch + 1}/{self.args.epochs} {100 * done:3.0f}% loss "
-                    f"{(self._loss_sum / self._n).item():.4f} {self._n * self.args.batch_size / elapsed:7.0f} "
-                    f"img/s ETA {_hms(left)}")
+            line = (f"epoch {self._epoch + 1}/{self.args.epochs} {100 * done:3.0f}% loss {self._sums[0].item() / self._n:.4f}"
+                    f" {self._n * self.args.batch_size / elapsed:7.0f} img/s ETA {_hms(left)}")
             print(line.ljust(72), end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
 
     def end_epoch(self, epoch):
@@ -1636,15 +1602,9 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.time() - self._t0
-        loss, std = (self._loss_sum / self._n).item(), (self._std_sum / self._n).item()
-        growth = (self._weight_norm() / self.weight_norm_init).item()
-        if not (math.isfinite(loss) and math.isfinite(growth) and growth < 1e3):
-            ckpt = self.out / "checkpoint.pt"
-            kept = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
-            what = f"the loss became {loss}" if not math.isfinite(loss) else \
-                f"the weights diverged (their norm grew {growth:.3g}x since the start)"
-            raise UserError(f"{what} during epoch {epoch + 1}; training stopped and {kept}. Try a lower "
-                            f"--lr, a longer --warmup-epochs, or --fp32.")
+        loss, std = (self._sums / self._n).tolist()
+        growth = (weight_norm(self.model) / self.weight_norm_init).item()
+        check_training(loss, growth, epoch, self.out / "checkpoint.pt")
         self.train_seconds += seconds
         rec = {"epoch": epoch + 1, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                "emb_std": std, "emb_std_ref": 1 / math.sqrt(self._dim), "weight_norm_growth": growth,
@@ -1653,9 +1613,8 @@ class Run:
         if self.data.labeled and (epoch + 1 == self.args.epochs or (every and (epoch + 1) % every == 0)):
             rec["knn_top1"] = knn_top1(self.backbone, self.data, self.mean_std)
         self.history.append(rec)
-        rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
         save_atomic({"method": self.method, "args": vars(self.args), "epoch": epoch + 1,
-                     "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng,
+                     "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
                      "history": self.history, "knn_init": self.knn_init, "train_seconds": self.train_seconds,
                      "weight_norm_init": self.weight_norm_init}, self.out / "checkpoint.pt")
         self.checkpoints += 1
@@ -1664,22 +1623,18 @@ class Run:
         knn = f" kNN {100 * rec['knn_top1']:.2f}%" if "knn_top1" in rec else ""
         print(f"epoch {epoch + 1}/{self.args.epochs} loss {loss:.4f} std*sqrt(d) {std * math.sqrt(self._dim):.2f}"
               f"{knn} {seconds:.1f}s {rec['images_per_s']:.0f} img/s".ljust(72), file=sys.stderr)
-        if std * math.sqrt(self._dim) < 0.2:
-            print(f"warning: embedding std {std:.4f} is far below 1/sqrt(d) = {1 / math.sqrt(self._dim):.4f}: "
-                  f"the embeddings are collapsing toward one point.", file=sys.stderr)
+        warn_collapse(std, self._dim)
 
-    def save_views(self, augments, n=8):
-        """views.png: each row one test (or train) image, then views from each recipe."""
-        src = self.data.test_x if self.data.test_x is not None else self.data.train_x
-        # A forked RNG: drawing the picture must not change the training run's random stream.
+    def save_views(self, augments):
+        """views.png, drawn on a forked RNG: the picture must not change the run's random stream."""
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.device.type == "cuda" else []):
-            save_views(augments, src[:n], self.out / "views.png")
+            save_views(augments, self.data.test_x if self.data.test_x is not None else self.data.train_x,
+                       self.out / "views.png")
 
     def finish(self):
         """Export the encoder, fit the linear probe if asked, write summary.json and curves.png."""
         save_atomic(self.backbone.state_dict(), self.out / "encoder.pt")
-        steady = [h["seconds"] for h in self.history[1:]] or [h["seconds"] for h in self.history]
-        epoch_s = float(np.median(steady))
+        epoch_s = float(np.median([h["seconds"] for h in self.history[1:] or self.history]))   # steady state
         summary = {
             "method": self.method, "data": self.data.name, "arch": self.args.arch, "epochs": self.args.epochs,
             "batch_size": self.args.batch_size, "knn_top1": self.history[-1].get("knn_top1"),
@@ -1691,13 +1646,53 @@ class Run:
             summary["linear_top1"] = linear_probe(self.backbone, self.data, self.mean_std)
         write_json(summary, self.out / "summary.json")
         plot_curves(self.history, self.knn_init, self.out / "curves.png", title=f"{self.method} on {self.data.name}")
-        msg = [f"done: {self.args.epochs} epochs in {_hms(self.train_seconds)}"]
-        if summary["knn_top1"] is not None:
-            msg.append(f"kNN top-1 {100 * summary['knn_top1']:.2f}% (random init {100 * self.knn_init:.2f}%)")
-        if "linear_top1" in summary:
-            msg.append(f"linear probe {100 * summary['linear_top1']:.2f}%")
-        print("; ".join(msg) + f". Outputs in {self.out}", file=sys.stderr)
+        knn = f"; kNN top-1 {100 * summary['knn_top1']:.2f}% (random init {100 * self.knn_init:.2f}%)" \
+            if summary["knn_top1"] is not None else ""
+        probe = f"; linear probe {100 * summary['linear_top1']:.2f}%" if "linear_top1" in summary else ""
+        print(f"done: {self.args.epochs} epochs in {_hms(self.train_seconds)}{knn}{probe}. Outputs in {self.out}",
+              file=sys.stderr)
         return summary
+
+
+def weight_norm(model):
+    return torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in model.parameters()]))
+
+
+def check_training(loss, growth, epoch, checkpoint):
+    """Stop a run whose loss is not finite or whose weights have grown 1000 times their initial
+    norm (a loss bounded like InfoNCE can stay finite while the weights diverge)."""
+    if math.isfinite(loss) and math.isfinite(growth) and growth < 1e3:
+        return
+    kept = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint was written yet"
+    what = f"the loss became {loss}" if not math.isfinite(loss) else \
+        f"the weights diverged (their norm grew {growth:.3g}x since the start)"
+    raise UserError(f"{what} during epoch {epoch + 1}; training stopped and {kept}. Try a lower --lr, a longer "
+                    f"--warmup-epochs, or --fp32.")
+
+
+def warn_collapse(std, dim):
+    if std * math.sqrt(dim) < 0.2:
+        print(f"warning: embedding std {std:.4f} is far below 1/sqrt(d) = {1 / math.sqrt(dim):.4f}: the "
+              f"embeddings are collapsing toward one point.", file=sys.stderr)
+
+
+def restore(path, method, model, optimizer):
+    """Load a checkpoint into the model and the optimizer and restore the RNG; return it."""
+    c = read_checkpoint(path, method)
+    model.load_state_dict(c["model"])
+    optimizer.load_state_dict(c["optimizer"])
+    set_rng_state(c["rng"])
+    return c
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def write_json(obj, path):

@@ -53,6 +53,9 @@ def make_parser():
     group.add_argument("--min-scale", type=common.fraction, default=0.08,
                        help="smallest crop as a fraction of the image area (the paper's 0.08; raise it for "
                             "tiny images, where an 8%% crop is a few pixels)")
+    group.add_argument("--color-strength", type=common.nonneg_float, default=1.0,
+                       help="s, the strength of the colour distortion (the paper's Appendix A): jitter 0.8s, 0.8s, "
+                            "0.8s, 0.2s. 1 is solo-learn's; the paper's own CIFAR-10 runs use 0.5 and no blur (B.9)")
     group.add_argument("--drop-aug", action="append", default=[], choices=AUGMENT_PARTS, metavar="PART",
                        help="switch one part of the augmentation off, for ablations (repeatable): "
                             + ", ".join(AUGMENT_PARTS))
@@ -68,11 +71,12 @@ def make_parser():
 AUGMENT_PARTS = ("crop", "flip", "jitter", "gray", "blur")
 
 
-def simclr_augment(mean_std, size, min_scale=0.08, drop=()):
-    """solo-learn's symmetric.yaml: crops of 8-100% of the area, flip, strong colour jitter
-    (0.8, 0.8, 0.8, 0.2 with p 0.8), grayscale p 0.2, blur p 0.5. `drop` switches parts off,
-    for an ablation like the SimCLR paper's study of augmentations (its Figure 5)."""
-    aug = common.Augment(size, scale=(min_scale, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, gray_p=0.2,
+def simclr_augment(mean_std, size, min_scale=0.08, strength=1.0, drop=()):
+    """solo-learn's symmetric.yaml: crops of 8-100% of the area, flip, colour jitter of strength
+    s (0.8s, 0.8s, 0.8s, 0.2s with p 0.8; s = 1), grayscale p 0.2, blur p 0.5. `drop` switches
+    parts off, for an ablation like the SimCLR paper's study of augmentations (its Figure 5)."""
+    aug = common.Augment(size, scale=(min_scale, 1.0), jitter=(0.8 * strength, 0.8 * strength, 0.8 * strength,
+                                                               0.2 * strength), jitter_p=0.8, gray_p=0.2,
                          blur_p=0.5, mean=mean_std[0], std=mean_std[1])
     if "crop" in drop:
         aug.scale, aug.ratio = (1.0, 1.0), (1.0, 1.0)          # each view is the whole image
@@ -152,7 +156,7 @@ def main(argv=None):
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)
     warmup = common.scaled_epochs(args.warmup_epochs, 10, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
     run.start(model, optimizer, model.backbone)
-    augment = simclr_augment(run.mean_std, run.data.image_size, args.min_scale, args.drop_aug)
+    augment = simclr_augment(run.mean_std, run.data.image_size, args.min_scale, args.color_strength, args.drop_aug)
     run.save_views([augment])
     train_model = torch.compile(model) if args.compile else model
 

@@ -12,7 +12,7 @@ on top of the encoder and the labels as the training signal:
     4. loss              cross-entropy with the image's class              (supervised_loss)
 
 With --label-fraction below 1 it sees only a class-balanced fraction of the labels
-(common.label_subset): the "what if I only have 1% labels?" baseline of experiments/labels.py.
+(label_subset): the "what if I only have 1% labels?" baseline of experiments/labels.py.
 An epoch is still N/B steps, drawn from the labelled images, so the compute is the same as a
 self-supervised run over all N images.
 
@@ -108,6 +108,22 @@ def train_step(model, optimizer, x, y, label_smoothing, autocast):
     return loss, h
 
 
+def label_subset(labels, fraction, seed=0):
+    """Indices of a class-balanced `fraction` of the labelled images: from each class, the
+    first max(1, round(fraction * n_c)) of a seeded permutation of that class. Prefixes of one
+    permutation, so the 1% subset lies inside the 10% one: a smaller budget only removes labels."""
+    if not 0 < fraction <= 1:
+        raise common.UserError(f"label fraction {fraction}: must be in (0, 1].")
+    g = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    keep = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()            # (n_c,)
+        members = members[torch.randperm(len(members), generator=g)]
+        keep.append(members[:max(1, round(fraction * len(members)))])
+    return torch.cat(keep).sort().values
+
+
 def labeled_order(pool, n):
     """The order in which an epoch visits the labelled images `pool` (P,): whole random
     permutations of the pool, one after another, n indices in all. An epoch then has as
@@ -150,7 +166,7 @@ def main(argv=None):
         augment = common.Augment(run.data.image_size, scale=(args.min_scale, 1.0), jitter_p=0.0, gray_p=0.0,
                                  mean=run.mean_std[0], std=run.mean_std[1])
     run.save_views([augment])
-    pool = common.label_subset(run.data.train_y, args.label_fraction, args.seed).to(run.device)
+    pool = label_subset(run.data.train_y, args.label_fraction, args.seed).to(run.device)
     print(f"supervised: {len(pool)} labelled training images ({100 * args.label_fraction:g}% of the labels)",
           file=sys.stderr)
     train_model = torch.compile(model) if args.compile else model

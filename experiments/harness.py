@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import supervised  # noqa: E402
 
 # The six methods under one recipe (make compare, make exp-labels): the same data, epochs,
 # batch size and evaluation. DINO runs on the ResNet-18 like the four before it; MAE needs a
@@ -140,6 +141,21 @@ def read_summary(run_dir):
 
 # --- evaluation with a budget of labels -----------------------------------------------------
 
+def load_encoder(run_dir, device="cpu"):
+    """The encoder a finished run exported (encoder.pt), rebuilt from its summary.json."""
+    run_dir = Path(run_dir)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        a = summary["args"]
+        backbone = common.build_backbone(a["arch"], summary["image_size"], a["width"], a["patch_size"])
+        backbone.load_state_dict(torch.load(run_dir / "encoder.pt", map_location="cpu", weights_only=True))
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise common.UserError(f"{run_dir}: not a finished run folder with summary.json and encoder.pt "
+                        f"({type(e).__name__}: {e}).") from None
+    return backbone.to(device), summary
+
+
+
 @functools.cache
 def _data(spec, data_dir, image_size, subset, seed, device):
     data = common.load_data(spec, data_dir, image_size, subset, seed)
@@ -165,7 +181,7 @@ def evaluate(run_dir, fraction, ft_epochs, device="auto", scratch=False):
     if key in cache:
         return cache[key]
     dev = common.pick_device(device)
-    backbone, summary = common.load_encoder(run_dir, dev)
+    backbone, summary = load_encoder(run_dir, dev)
     a = summary["args"]
     if scratch:
         torch.manual_seed(a["seed"])
@@ -174,7 +190,7 @@ def evaluate(run_dir, fraction, ft_epochs, device="auto", scratch=False):
     if not data.labeled:
         raise common.UserError(f"--data {a['data']} has no labels on a train and a test split; the "
                                f"experiments need them.")
-    idx = common.label_subset(data.train_y, fraction, seed=a["seed"]).to(dev)
+    idx = supervised.label_subset(data.train_y, fraction, seed=a["seed"]).to(dev)
     labeled = common.Dataset(data.train_x[idx], data.train_y[idx], data.test_x, data.test_y, data.classes, data.name)
     what = f"{run_dir.name} {'scratch' if scratch else 'encoder'}, {100 * fraction:g}% labels ({len(idx)} images)"
     print(f"== evaluate {what}", file=sys.stderr, flush=True)

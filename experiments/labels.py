@@ -2,7 +2,7 @@
 of labels.
 
 The setting: all the images, but labels for only 1%, 10% or 100% of them (class-balanced,
-common.label_subset). Four ways to spend them, each at the same compute:
+supervised.label_subset). Four ways to spend them, each at the same compute:
   - an SSL encoder pretrained on all the images (no labels), then a linear probe on the
     labelled ones, or fine-tuning it on them;
   - supervised training (supervised.py) on the labelled images alone, for as many steps as

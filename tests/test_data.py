@@ -175,29 +175,6 @@ def test_subset_is_random_not_first(tmp_path):
     assert torch.bincount(d.train_y, minlength=10).min() > 0
 
 
-@given(st.lists(st.integers(0, 4), min_size=1, max_size=120), st.floats(0.01, 1.0), st.floats(0.01, 1.0),
-       st.integers(0, 3))
-def test_label_subset_is_balanced_nested_and_deterministic(labels, f1, f2, seed):
-    y = torch.tensor(labels)
-    small, large = sorted([f1, f2])
-    a = common.label_subset(y, small, seed)
-    b = common.label_subset(y, large, seed)
-    assert torch.equal(a, common.label_subset(y, small, seed))             # same seed, same subset
-    assert torch.equal(a, a.sort().values) and len(a.unique()) == len(a)  # sorted, no repeats
-    assert 0 <= a.min() and a.max() < len(y)
-    counts, want = Counter(y[a].tolist()), Counter(labels)
-    for c, n_c in want.items():              # per class: the nearest whole count, but never none
-        assert counts[c] >= 1 and (counts[c] == 1 or abs(counts[c] - small * n_c) <= 0.5)
-    assert set(a.tolist()) <= set(b.tolist())                              # fewer labels: a subset of more
-    assert torch.equal(common.label_subset(y, 1.0, seed), torch.arange(len(y)))
-
-
-@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
-def test_label_subset_refuses_bad_fractions(fraction):
-    with pytest.raises(common.UserError, match="label fraction"):
-        common.label_subset(torch.tensor([0, 1, 1]), fraction)
-
-
 def run_simclr(*args):
     return run_script("simclr.py", *args)
 

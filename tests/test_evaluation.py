@@ -99,8 +99,3 @@ def test_fine_tune_learns_separable_colours(seed):
     mean_std = data.mean_std()
     vit = common.ViT(8, 4, dim=16, depth=2, heads=2)
     assert common.fine_tune(vit, data, mean_std, epochs=6, batch_size=32, lr=4e-3) >= 0.9
-
-
-def test_load_encoder_names_a_folder_that_is_not_a_run(tmp_path):
-    with pytest.raises(common.UserError, match=str(tmp_path)):
-        common.load_encoder(tmp_path)

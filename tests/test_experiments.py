@@ -19,6 +19,7 @@ import common  # noqa: E402
 import compare  # noqa: E402
 import harness  # noqa: E402
 import labels  # noqa: E402
+import supervised  # noqa: E402
 import mask_ratio  # noqa: E402
 import temperature  # noqa: E402
 
@@ -174,7 +175,7 @@ def test_evaluate_with_half_the_labels_is_cached(temperature_sweep, monkeypatch)
     run = sorted((tmp / "runs").iterdir())[0]
     result = harness.evaluate(run, 0.5, 1, "cpu")
     data = common.load_data("shapes", tmp, 16, subset=256)
-    assert result["labeled_images"] == len(common.label_subset(data.train_y, 0.5))
+    assert result["labeled_images"] == len(supervised.label_subset(data.train_y, 0.5))
     assert 0 <= result["linear_top1"] <= 1 and 0 <= result["finetune_top1"] <= 1
     scratch = harness.evaluate(run, 0.5, 1, "cpu", scratch=True)
     assert set(json.loads((run / "evaluations.json").read_text())) == {
@@ -208,3 +209,8 @@ def test_a_failed_run_names_its_folder(tmp_path):
                                                     "--batch-size", "100000"])
     with pytest.raises(common.UserError, match="'SimCLR' failed.*simclr-"):
         harness.train("simclr.py", [], args, "SimCLR")
+
+
+def test_load_encoder_names_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(common.UserError, match=str(tmp_path)):
+        harness.load_encoder(tmp_path)

@@ -65,13 +65,12 @@ def test_script_smoke_with_a_tenth_of_the_labels(tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "summary.json").read_text())
     data = common.load_data("shapes", tmp_path, 16, subset=256)
-    assert s["labeled_images"] == len(common.label_subset(data.train_y, 0.1))
+    assert s["labeled_images"] == len(supervised.label_subset(data.train_y, 0.1))
     for key in ["test_top1", "knn_top1", "linear_top1", "peak_memory_mib"]:
         assert key in s, key
     assert 0 <= s["test_top1"] <= 1
     assert s["args"]["label_fraction"] == 0.1 and s["image_size"] == 16
-    backbone, _ = common.load_encoder(out)                    # the exported encoder loads back
-    assert backbone.dim == 64
+    common.build_backbone("resnet18", 16, width=8).load_state_dict(torch.load(out / "encoder.pt", weights_only=True))
 
 
 @pytest.mark.parametrize("bad", ["0", "1.5", "-1"])
@@ -95,3 +94,26 @@ def test_script_refuses_bad_label_smoothing(tmp_path):
     r = run_script("supervised.py", *TINY, "--label-smoothing", "5", "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and "--label-smoothing" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=120), st.floats(0.01, 1.0), st.floats(0.01, 1.0),
+       st.integers(0, 3))
+def test_label_subset_is_balanced_nested_and_deterministic(labels, f1, f2, seed):
+    y = torch.tensor(labels)
+    small, large = sorted([f1, f2])
+    a = supervised.label_subset(y, small, seed)
+    b = supervised.label_subset(y, large, seed)
+    assert torch.equal(a, supervised.label_subset(y, small, seed))             # same seed, same subset
+    assert torch.equal(a, a.sort().values) and len(a.unique()) == len(a)  # sorted, no repeats
+    assert 0 <= a.min() and a.max() < len(y)
+    counts, want = Counter(y[a].tolist()), Counter(labels)
+    for c, n_c in want.items():              # per class: the nearest whole count, but never none
+        assert counts[c] >= 1 and (counts[c] == 1 or abs(counts[c] - small * n_c) <= 0.5)
+    assert set(a.tolist()) <= set(b.tolist())                              # fewer labels: a subset of more
+    assert torch.equal(supervised.label_subset(y, 1.0, seed), torch.arange(len(y)))
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_label_subset_refuses_bad_fractions(fraction):
+    with pytest.raises(common.UserError, match="label fraction"):
+        supervised.label_subset(torch.tensor([0, 1, 1]), fraction)
