@@ -160,8 +160,8 @@ def main(argv=None):
     warmup = common.scaled_epochs(args.warmup_epochs, 2, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
     run.start(model, optimizer, model.backbone)
     if args.augment == "simclr":                               # simclr.py's recipe, written out
-        augment = common.Augment(run.data.image_size, scale=(args.min_scale, 1.0), jitter=(0.8, 0.8, 0.8, 0.2),
-                                 jitter_p=0.8, gray_p=0.2, blur_p=0.5, mean=run.mean_std[0], std=run.mean_std[1])
+        augment = common.Augment(run.data.image_size, scale=(args.min_scale, 1.0), jitter=(0.4, 0.4, 0.4, 0.1),
+                                 jitter_p=0.8, gray_p=0.2, mean=run.mean_std[0], std=run.mean_std[1])
     else:
         augment = common.Augment(run.data.image_size, scale=(args.min_scale, 1.0), jitter_p=0.0, gray_p=0.0,
                                  mean=run.mean_std[0], std=run.mean_std[1])

@@ -86,8 +86,10 @@ def test_drop_every_part_leaves_only_normalisation():
 
 def test_drop_switches_one_part_each():
     full = simclr.simclr_augment(([0.5] * 3, [0.5] * 3), 32)
-    assert full.jitter_p > 0 and full.gray_p > 0 and full.flip_p > 0 and full.scale[0] < 1 and full.blur_p > 0
-    assert full.jitter == (0.8, 0.8, 0.8, 0.2)                 # solo-learn's symmetric.yaml
+    assert full.jitter_p > 0 and full.gray_p > 0 and full.flip_p > 0 and full.scale[0] < 1 and full.blur_p == 0
+    assert full.jitter == pytest.approx((0.4, 0.4, 0.4, 0.1))  # the paper's CIFAR-10 strength, s = 0.5 (B.9)
+    big = simclr.simclr_augment(([0.5] * 3, [0.5] * 3), 96, strength=1.0)
+    assert big.jitter == pytest.approx((0.8, 0.8, 0.8, 0.2)) and big.blur_p == 0.5   # ImageNet-sized: blur
     changed = {part: simclr.simclr_augment(([0.5] * 3, [0.5] * 3), 32, drop=[part]) for part in ("crop", "flip",
                                                                                                   "jitter", "gray")}
     assert changed["crop"].scale == (1.0, 1.0) and changed["crop"].jitter_p == full.jitter_p
