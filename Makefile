@@ -29,7 +29,7 @@ EXP_ARGS ?= --image-size 16 --width 16 --batch-size 256 --warmup-epochs 1 --min-
 endif
 
 EXPERIMENTS := exp-temperature exp-mask-ratio exp-collapse exp-labels exp-augment compare
-.PHONY: setup demo test bench experiments $(EXPERIMENTS) clean
+.PHONY: setup demo test bench experiments $(EXPERIMENTS) laptop clean
 
 $(VENV)/.installed: requirements.txt
 ifeq ($(REUSE_TORCH),1)
@@ -59,6 +59,11 @@ $(EXPERIMENTS): $(VENV)/.installed
 		$(if $(and $(FT_EPOCHS),$(filter exp-labels exp-mask-ratio,$@)),--ft-epochs $(FT_EPOCHS)) -- $(EXP_ARGS)
 
 experiments: $(EXPERIMENTS)
+
+# The six methods and supervised on real CIFAR-10, about ten minutes each on 2 CPU cores.
+laptop: $(VENV)/.installed
+	@test -n "$(CIFAR)" || { echo "make laptop: give CIFAR=path/to/cifar10-jpg.tar.gz (or cifar-10-python.tar.gz)"; exit 2; }
+	$(PY) experiments/laptop.py --data $(CIFAR) -- $(LAPTOP_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

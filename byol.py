@@ -56,9 +56,12 @@ def make_parser():
     group.add_argument("--weight-decay", type=common.nonneg_float, default=1e-5, help="L2 penalty on weight matrices")
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
                        help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
-                            "of a shorter run)")
-    group.add_argument("--tau-base", type=common.ema_momentum, default=0.99,
-                       help="the target's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine")
+                            "of a shorter run, but at least one epoch)")
+    group.add_argument("--tau-base", type=common.ema_momentum, default=None,
+                       help="the target's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine. The "
+                            "target remembers about 1/(1 - tau) steps. Default: the recipe's 0.99, or lower in "
+                            "a run under 4000 steps, so that the target remembers 2.5%% of the run and keeps up "
+                            "with the online network (CIFAR-10, 5 epochs: kNN 37.1%% at 0.9, 34.2%% at 0.99)")
     group.add_argument("--min-scale", type=common.fraction, default=0.08,
                        help="smallest crop as a fraction of the image area")
     group.add_argument("--predictor", action=argparse.BooleanOptionalAction, default=True,
@@ -162,7 +165,9 @@ def main(argv=None):
                              run.device)
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)
-    warmup = common.scaled_epochs(args.warmup_epochs, 10, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
+    warmup = common.scaled_epochs(args.warmup_epochs, 10, RECIPE_EPOCHS, args.epochs, at_least=1) * run.steps_per_epoch
+    # A short run's target must keep up: memory 1/(1 - tau_base) at most 2.5% of the run.
+    tau_base = args.tau_base if args.tau_base is not None else max(0.0, min(0.99, 1 - 40 / run.total_steps))
     run.start(model, optimizer, model.backbone)
     augment1, augment2 = byol_augments(run.mean_std, run.data.image_size, args.min_scale)
     run.save_views([augment1, augment2])
@@ -171,7 +176,7 @@ def main(argv=None):
     for epoch in range(run.start_epoch, args.epochs):
         for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
             common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
-            tau = common.cosine_schedule(step, run.total_steps, args.tau_base, 1.0)
+            tau = common.cosine_schedule(step, run.total_steps, tau_base, 1.0)
             x = run.data.train_x[idx]                          # (B, 3, H, W) uint8, on the device
             x1, x2 = augment1(x), augment2(x)                  # (B, 3, H, W) fp32 each
             loss, p1 = train_step(train_model, optimizer, x1, x2, tau, run.autocast)

@@ -900,14 +900,16 @@ def mlp(dims):
 # (no weight decay on biases and norms), the schedules, and the EMA of the slow teachers.
 # ============================================================================================
 
-def scaled_epochs(flag, value, recipe_epochs, epochs):
+def scaled_epochs(flag, value, recipe_epochs, epochs, at_least=0):
     """The length in epochs of a schedule (a warmup, say): `flag` when the user gave one, else
     the recipe's `value` epochs fitted to this run. A run at least as long as the recipe's
     `recipe_epochs` keeps the recipe's length; a shorter one gets the same fraction of itself,
-    so a 5-epoch run follows a compressed recipe instead of stopping inside its first epochs."""
+    so a 5-epoch run follows a compressed recipe instead of stopping inside its first epochs.
+    The LR warmups ask for `at_least` one epoch (never more than the recipe's): a few steps of
+    warmup let MoCo collapse (CIFAR-10, 5 epochs: kNN 26.0% with 4 steps, 38.2% with one epoch)."""
     if flag is not None:
         return flag
-    return value if epochs >= recipe_epochs else value * epochs / recipe_epochs
+    return value if epochs >= recipe_epochs else min(value, max(at_least, value * epochs / recipe_epochs))
 
 
 def cosine_lr(step, total, warmup, base, final=0.0):
@@ -1148,7 +1150,7 @@ def fine_tune(backbone, data, mean_std, epochs, lr=1e-3, batch_size=256, weight_
     optimizer = make_optimizer(groups, "adamw", base_lr)
     augment = Augment(size=data.image_size, scale=(0.08, 1.0), jitter_p=0.0, gray_p=0.0, mean=mean_std[0], std=mean_std[1])
     steps = len(data.train_x) // B
-    warmup = scaled_epochs(warmup_epochs, 5, 100, epochs) * steps
+    warmup = scaled_epochs(warmup_epochs, 5, 100, epochs, at_least=1) * steps
     t0 = time.time()
     for epoch in range(epochs):
         model.train()

@@ -65,7 +65,7 @@ def make_parser():
                        help="... rising to this on a cosine")
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
                        help="linear LR warmup, in epochs (default: the recipe's 10 of 300, the same fraction "
-                            "of a shorter run)")
+                            "of a shorter run, but at least one epoch)")
     group.add_argument("--momentum", type=common.ema_momentum, default=0.996,
                        help="the teacher's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine")
     group.add_argument("--student-temp", type=common.positive_float, default=0.1, help="T_s")
@@ -288,9 +288,10 @@ def main(argv=None):
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)
     # Schedules, in steps: the recipe's length in epochs, or the same fraction of a shorter run.
-    steps = lambda flag, value: common.scaled_epochs(flag, value, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
-    warmup, warmup_temp, frozen = steps(args.warmup_epochs, 10), steps(args.warmup_teacher_temp_epochs, 30), \
-        steps(args.freeze_last_layer, 1)
+    steps = lambda flag, value, at_least=0: \
+        common.scaled_epochs(flag, value, RECIPE_EPOCHS, args.epochs, at_least) * run.steps_per_epoch
+    warmup, warmup_temp, frozen = steps(args.warmup_epochs, 10, at_least=1), \
+        steps(args.warmup_teacher_temp_epochs, 30), steps(args.freeze_last_layer, 1)
     teacher_backbone = model.teacher[0]                        # evaluated and exported: the better of the two
     run.start(model, optimizer, teacher_backbone)
     global1, global2, local = dino_augments(run.mean_std, run.data.image_size, local_size, args.local_crops)

@@ -61,7 +61,7 @@ def make_parser():
                        help="AdamW weight decay on weight matrices")
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
                        help="linear LR warmup, in epochs (default: the recipe's 40 of 800, the same fraction "
-                            "of a shorter run)")
+                            "of a shorter run, but at least one epoch)")
     group.add_argument("--mask-ratio", type=float, default=0.75,
                        help="fraction of patches hidden, in (0, 1); the paper's sweet spot is 0.75")
     group.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
@@ -298,7 +298,7 @@ def main(argv=None):
     # Tokens get no weight decay (timm's no_weight_decay list); the fixed positions are not trained at all.
     groups = common.param_groups(model, args.weight_decay, no_decay=("cls_token", "mask_token"))
     optimizer = common.make_optimizer(groups, "adamw", base_lr, betas=(0.9, 0.95))
-    warmup = common.scaled_epochs(args.warmup_epochs, 40, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
+    warmup = common.scaled_epochs(args.warmup_epochs, 40, RECIPE_EPOCHS, args.epochs, at_least=1) * run.steps_per_epoch
     run.start(model, optimizer, model.encoder)
     # Crops of 20-100% of the area (bicubic) and flips, nothing else: the masking is the hard part.
     augment = common.Augment(run.data.image_size, scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0,

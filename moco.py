@@ -57,7 +57,7 @@ def make_parser():
     group.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4, help="L2 penalty on weight matrices")
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
                        help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
-                            "of a shorter run)")
+                            "of a shorter run, but at least one epoch)")
     group.add_argument("--temperature", type=common.positive_float, default=0.2,
                        help="tau in the softmax (MoCo v2's 0.2; v1 used 0.07)")
     group.add_argument("--momentum", type=common.ema_momentum, default=0.99,
@@ -121,16 +121,18 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if not self.training or G == 1:
             return super().forward(x)
         N, C, H, W = x.shape
-        xg = x.view(G, N // G, C, H * W)                       # (G, N/G, C, H*W); group g: rows g*N/G...
-        var, mean = torch.var_mean(xg.float(), dim=(1, 3), correction=0, keepdim=True)   # (G, 1, C, 1)
-        y = (xg - mean) * torch.rsqrt(var + self.eps)
-        y = y * self.weight.view(1, 1, C, 1) + self.bias.view(1, 1, C, 1)
+        # The groups side by side as channels, so that one fused BatchNorm call does all of them:
+        # rows g*N/G... of channel c become channel g*C + c.
+        xg = x.view(G, N // G, C, H, W).transpose(0, 1).reshape(N // G, G * C, H, W)
+        mean, var = self.running_mean.repeat(G), self.running_var.repeat(G)   # (G*C,) updated in place
+        y = F.batch_norm(xg, mean, var, self.weight.repeat(G), self.bias.repeat(G), True, self.momentum, self.eps)
         with torch.no_grad():                                  # running stats: the mean over groups
-            n = xg.shape[1] * xg.shape[3]
-            self.running_mean.lerp_(mean.mean(0).flatten(), self.momentum)
-            self.running_var.lerp_((var * n / max(n - 1, 1)).mean(0).flatten(), self.momentum)
+            self.running_mean.copy_(mean.view(G, C).mean(0))
+            self.running_var.copy_(var.view(G, C).mean(0))
             self.num_batches_tracked += 1
-        return y.view(x.shape).to(x.dtype)
+        y = y.view(N // G, G, C, H, W).transpose(0, 1).reshape(N, C, H, W)   # back to rows in order
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return y.contiguous(memory_format=layout)
 
 
 def split_batchnorm(module, groups):
@@ -255,7 +257,7 @@ def main(argv=None):
     model = common.to_device(model, run.device)
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)
-    warmup = common.scaled_epochs(args.warmup_epochs, 10, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
+    warmup = common.scaled_epochs(args.warmup_epochs, 10, RECIPE_EPOCHS, args.epochs, at_least=1) * run.steps_per_epoch
     run.start(model, optimizer, model.backbone)
     augment = moco_augment(run.mean_std, run.data.image_size, args.min_scale)
     run.save_views([augment])

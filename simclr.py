@@ -47,7 +47,7 @@ def make_parser():
     group.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4, help="L2 penalty on weight matrices")
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
                        help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction of "
-                            "a shorter run); the large LARS LR diverges without it")
+                            "a shorter run, but at least one epoch); the large LARS LR diverges without it")
     group.add_argument("--temperature", type=common.positive_float, default=0.2,
                        help="tau in the softmax; smaller weights the hardest negatives more")
     group.add_argument("--min-scale", type=common.fraction, default=0.08,
@@ -157,7 +157,7 @@ def main(argv=None):
     model = common.to_device(SimCLR(backbone, args.proj_hidden, args.proj_dim), run.device)
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)
-    warmup = common.scaled_epochs(args.warmup_epochs, 10, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
+    warmup = common.scaled_epochs(args.warmup_epochs, 10, RECIPE_EPOCHS, args.epochs, at_least=1) * run.steps_per_epoch
     run.start(model, optimizer, model.backbone)
     augment = simclr_augment(run.mean_std, run.data.image_size, args.min_scale, args.color_strength, args.drop_aug)
     run.save_views([augment])

@@ -53,7 +53,7 @@ def make_parser():
     group.add_argument("--weight-decay", type=common.nonneg_float, default=1e-5, help="L2 penalty on weight matrices")
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
                        help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
-                            "of a shorter run)")
+                            "of a shorter run, but at least one epoch)")
     group.add_argument("--stop-grad", action=argparse.BooleanOptionalAction, default=True,
                        help="--no-stop-grad lets the gradient through z too: the embeddings collapse")
     group.add_argument("--fixed-pred-lr", action=argparse.BooleanOptionalAction, default=True,
@@ -158,7 +158,7 @@ def main(argv=None):
     groups = common.param_groups(model.encoder, args.weight_decay) + \
         [dict(g, predictor=True) for g in common.param_groups(model.predictor, args.weight_decay)]
     optimizer = common.make_optimizer(groups, args.optimizer, base_lr)
-    warmup = common.scaled_epochs(args.warmup_epochs, 10, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
+    warmup = common.scaled_epochs(args.warmup_epochs, 10, RECIPE_EPOCHS, args.epochs, at_least=1) * run.steps_per_epoch
     run.start(model, optimizer, model.backbone)
     augment = simsiam_augment(run.mean_std, run.data.image_size, args.min_scale)
     run.save_views([augment])

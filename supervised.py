@@ -53,7 +53,7 @@ def make_parser():
     group.add_argument("--weight-decay", type=common.nonneg_float, default=5e-4, help="L2 penalty on weight matrices")
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
                        help="linear LR warmup, in epochs (default: 2 of the recipe's 200, the same fraction of a "
-                            "shorter run)")
+                            "shorter run, but at least one epoch)")
     group.add_argument("--label-smoothing", type=float, default=0.0, help="epsilon of label smoothing, in [0, 1)")
     group.add_argument("--augment", default="crop", choices=["crop", "simclr"],
                        help="crop: crop + flip (supervised practice); simclr: SimCLR's full recipe")
@@ -157,7 +157,7 @@ def main(argv=None):
     model = common.to_device(Supervised(backbone, len(run.data.classes)), run.device)
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), "sgd", base_lr, nesterov=True)
-    warmup = common.scaled_epochs(args.warmup_epochs, 2, RECIPE_EPOCHS, args.epochs) * run.steps_per_epoch
+    warmup = common.scaled_epochs(args.warmup_epochs, 2, RECIPE_EPOCHS, args.epochs, at_least=1) * run.steps_per_epoch
     run.start(model, optimizer, model.backbone)
     if args.augment == "simclr":                               # simclr.py's recipe, written out
         augment = common.Augment(run.data.image_size, scale=(args.min_scale, 1.0), jitter=(0.4, 0.4, 0.4, 0.1),

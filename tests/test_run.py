@@ -289,3 +289,71 @@ def test_bad_input_leaves_no_run_folder(tmp_path):
     r = run_simclr(*TINY, "--data", str(tmp_path / "missing"), cwd=tmp_path)
     assert r.returncode == 2
     assert not (tmp_path / "runs").exists()
+
+
+# --- schedules scale with the run ------------------------------------------------------------
+
+class _FirstStep(Exception):
+    pass
+
+
+def _first_step_schedules(monkeypatch, tmp_path, script, epochs):
+    """Start `script` in-process for `epochs` on TINY and stop at its first step; the
+    schedules it asked for (the LR warmup, and DINO's teacher-temperature warmup and BYOL's
+    base momentum), with the steps per epoch."""
+    module = __import__(script[:-3])
+    seen = {}
+
+    def lr_spy(step, total, warmup, base, final=0.0):
+        seen.update(total=total, warmup=warmup)
+        return base
+
+    def temp_spy(step, warmup_steps, start, end):
+        seen["warmup_temp"] = warmup_steps
+        return start
+
+    def schedule_spy(step, total, start, end):
+        seen.setdefault("momentum_start", start)
+        return start
+
+    def stop(*_, **__):
+        raise _FirstStep
+    monkeypatch.setattr(common, "cosine_lr", lr_spy)
+    monkeypatch.setattr(common, "cosine_schedule", schedule_spy)
+    monkeypatch.setattr(module, "train_step", stop)           # the schedules are read before it
+    monkeypatch.setattr(common, "knn_top1", lambda *_, **__: 0.0)
+    if script == "dino.py":
+        monkeypatch.setattr(module, "teacher_temperature", temp_spy)
+    argv = [a for a in TINY_COMMON if a not in ("--warmup-epochs", "1")] + [
+        "--epochs", str(epochs), "--eval-every", "0", "--out", str(tmp_path / f"{script}-{epochs}")]
+    with pytest.raises(_FirstStep):
+        module.main(argv)
+    seen["steps_per_epoch"] = seen["total"] // epochs
+    return seen
+
+
+# (script, the recipe's LR warmup in epochs, the recipe's length in epochs)
+RECIPES = [("simclr.py", 10, 1000), ("moco.py", 10, 1000), ("byol.py", 10, 1000), ("simsiam.py", 10, 1000),
+           ("dino.py", 10, 300), ("mae.py", 40, 800), ("supervised.py", 2, 200)]
+
+
+@pytest.mark.parametrize("script,warmup,recipe", RECIPES)
+def test_schedules_scale_with_the_run(monkeypatch, tmp_path, script, warmup, recipe):
+    """A run as long as the recipe keeps its warmup; half as long, half the warmup; a 2-epoch
+    run the same fraction, floored at one epoch for the LR (a few steps of warmup let MoCo
+    collapse). DINO's teacher temperature (30 epochs of 300) scales the same way, unfloored."""
+    for epochs, lr_epochs in [(recipe, warmup), (recipe // 2, warmup / 2), (2, 1)]:
+        seen = _first_step_schedules(monkeypatch, tmp_path, script, epochs)
+        assert seen["warmup"] == pytest.approx(lr_epochs * seen["steps_per_epoch"]), (epochs, seen)
+        if script == "dino.py":
+            assert seen["warmup_temp"] == pytest.approx(30 * min(1, epochs / 300) * seen["steps_per_epoch"])
+
+
+def test_byol_target_keeps_up_in_a_short_run(monkeypatch, tmp_path):
+    """BYOL's base momentum: the recipe's 0.99 in a run of 4000+ steps; in a shorter one the
+    target remembers 1/(1 - tau) = 2.5% of the run's steps; a flag given wins."""
+    for epochs in [1000, 40, 2]:
+        seen = _first_step_schedules(monkeypatch, tmp_path, "byol.py", epochs)
+        memory = 0.025 * seen["total"]
+        expected = 0.99 if seen["total"] >= 4000 else max(0.0, 1 - 1 / memory)
+        assert seen["momentum_start"] == pytest.approx(expected), (epochs, seen)
