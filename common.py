@@ -905,7 +905,7 @@ def scaled_epochs(flag, value, recipe_epochs, epochs, at_least=0):
     the recipe's `value` epochs fitted to this run. A run at least as long as the recipe's
     `recipe_epochs` keeps the recipe's length; a shorter one gets the same fraction of itself,
     so a 5-epoch run follows a compressed recipe instead of stopping inside its first epochs.
-    The LR warmups ask for `at_least` one epoch (never more than the recipe's): a few steps of
+    Most LR warmups ask for `at_least` one epoch (never more than the recipe's): a few steps of
     warmup let MoCo collapse (CIFAR-10, 5 epochs: kNN 26.0% with 4 steps, 38.2% with one epoch)."""
     if flag is not None:
         return flag

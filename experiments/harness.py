@@ -211,7 +211,7 @@ def evaluate(run_dir, fraction, ft_epochs, device="auto", scratch=False):
 
 def bar_plot(bars, path, title, xlabel, width=560):
     """Horizontal bars from 0, one per (label, value) in `bars`, top to bottom, each with its
-    value written at its end; a value of None is drawn as "not run"."""
+    value written at its end (a negative value to the left of 0); None is drawn as "not run"."""
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     left = 16 + max(probe.textlength(label, font=font) for label, _ in bars)
@@ -221,8 +221,8 @@ def bar_plot(bars, path, title, xlabel, width=560):
     draw = ImageDraw.Draw(img)
     L, R, B = left, width - 50, T + row * len(bars)
     values = [v for _, v in bars if v is not None and math.isfinite(v)]
-    xt = common.nice_ticks(0.0, max(values, default=1.0))
-    sx = lambda v: L + v / xt[-1] * (R - L)
+    xt = common.nice_ticks(min([0.0, *values]), max([0.0, *values]))
+    sx = lambda v: L + (v - xt[0]) / (xt[-1] - xt[0]) * (R - L)
     draw.text(((L + R) // 2, 8), title, fill="black", font=font, anchor="mt")
     for v in xt:
         draw.line((sx(v), T, sx(v), B), fill=(230, 230, 230))
@@ -234,9 +234,9 @@ def bar_plot(bars, path, title, xlabel, width=560):
         if v is None or not math.isfinite(v):
             draw.text((L + 4, y + row // 2), "not run", fill="gray", font=font, anchor="lm")
             continue
-        draw.rectangle((L, y + 4, sx(v), y + row - 4), fill=common.PALETTE[0])
-        draw.text((sx(v) + 4, y + row // 2), f"{v:.1f}", fill="black", font=font, anchor="lm")
-    draw.line((L, T, L, B), fill="black")
+        draw.rectangle((min(sx(0), sx(v)), y + 4, max(sx(0), sx(v)), y + row - 4), fill=common.PALETTE[0])
+        draw.text((max(sx(0), sx(v)) + 4, y + row // 2), f"{v:.1f}", fill="black", font=font, anchor="lm")
+    draw.line((sx(0), T, sx(0), B), fill="black")
     draw.line((L, B, R, B), fill="black")
     draw.text(((L + R) // 2, H - 12), xlabel, fill="black", font=font, anchor="mm")
     img.save(path)

@@ -123,6 +123,21 @@ def test_bar_plot_lengths_are_proportional(tmp_path):
     assert widths[1] / widths[0] == pytest.approx(4, rel=0.05) and widths[3] / widths[0] == pytest.approx(2, rel=0.05)
 
 
+def test_bar_plot_draws_negative_values_left_of_zero(tmp_path):
+    """A gain below 0 (a method that ends under its random init) is a bar to the left of the
+    zero line, as long as its value says."""
+    bars = [("up", 30.0), ("down", -10.0)]
+    harness.bar_plot(bars, tmp_path / "b.png", "title", "x")
+    img = Image.open(tmp_path / "b.png").convert("RGB")
+    spans = []
+    for i in range(len(bars)):
+        y = 30 + 22 * i + 11
+        xs = [x for x in range(img.width) if img.getpixel((x, y)) == common.PALETTE[0]]
+        spans.append((min(xs), max(xs)))
+    assert spans[1][1] <= spans[0][0] + 2                      # "down" ends where "up" starts: at 0
+    assert (spans[0][1] - spans[0][0]) / (spans[1][1] - spans[1][0]) == pytest.approx(3, rel=0.1)
+
+
 def test_augment_mask_ratio_labels_and_compare_plots(tmp_path):
     augment.plot([("full pipeline", 0.5), ("no crop", 0.3), ("no augmentation", None)], tmp_path / "a.png")
     mask_ratio.plot(mask_ratio.RATIOS, [0.3, 0.35, 0.4, 0.38], [0.5, 0.55, 0.6, None], 0.45, tmp_path / "m.png")
