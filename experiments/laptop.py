@@ -44,7 +44,7 @@ def table(rows):
 
 def budget(summary):
     a = summary["args"]
-    return f"{a['subset'] or 'all'} images, {a['epochs']} epochs"
+    return f"{a['subset'] or 'all'} images, {a['epochs']} epoch{'s' if a['epochs'] != 1 else ''}"
 
 
 def main(argv=None):

@@ -19,6 +19,7 @@ import common  # noqa: E402
 import compare  # noqa: E402
 import harness  # noqa: E402
 import labels  # noqa: E402
+import laptop  # noqa: E402
 import supervised  # noqa: E402
 import mask_ratio  # noqa: E402
 import temperature  # noqa: E402
@@ -229,3 +230,22 @@ def test_a_failed_run_names_its_folder(tmp_path):
 def test_load_encoder_names_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(common.UserError, match=str(tmp_path)):
         harness.load_encoder(tmp_path)
+
+
+def test_laptop_table_end_to_end(tmp_path, monkeypatch):
+    """make laptop on one tiny row: the table has the run and the random-init bar of its
+    backbone, each with kNN and a linear probe; without --data it stops with a message."""
+    monkeypatch.setattr(laptop, "ROWS", [("SimCLR", "simclr.py", [])])
+    monkeypatch.setattr(laptop, "BUDGET", [])
+    laptop.main(["--data", "shapes", "--epochs", "1", "--device", "cpu", "--results", str(tmp_path / "results"),
+                 "--runs", str(tmp_path / "runs"), "--", *TINY])
+    res = json.loads((tmp_path / "results" / "laptop.json").read_text())
+    run, init = res["rows"]
+    assert run["method"] == "SimCLR" and init["method"] == "Random init" and init["arch"] == run["arch"]
+    assert init["knn_init"] == run["knn_init"] and init["knn"] is None
+    assert all(0 <= r["linear"] <= 1 for r in (run, init)) and 0 <= run["knn"] <= 1
+    assert run["budget"] == "256 images, 1 epoch"
+    assert (tmp_path / "results" / "laptop.md").read_text().count("\n") == 2 + 2
+    assert (tmp_path / "results" / "laptop.png").is_file()
+    with pytest.raises(SystemExit):
+        laptop.main(["--results", str(tmp_path / "results")])
