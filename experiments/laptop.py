@@ -3,11 +3,11 @@ about ten minutes on 2 CPU cores.
 
 The reference budget: 20,000 training images (a seeded random subset), a ResNet-18 of width
 16, batch 256, 5 epochs, every other flag the method's default (the recipes' schedules then
-compress to 5 epochs, the LR warmup to one). The ViTs (DINO, MAE) are ViT-Tiny/4 on their
+compress to 5 epochs: README, "Short runs"). The ViTs (DINO, MAE) are ViT-Tiny/4 on their
 defaults; where a whole run would not fit in about ten minutes, its row says the smaller
-budget it got. For each run: kNN top-1 of
-the encoder at random init and after, a linear probe of the frozen encoder on the 20,000
-training images, epoch seconds and images/s. Writes results/laptop.md, .json and .png.
+budget it got. For each run: kNN top-1 of the encoder at random init and after, a linear
+probe of the frozen encoder trained on the 20,000 training images, epoch seconds and
+images/s. Writes results/laptop.md, .json and .png.
 
     python experiments/laptop.py --data path/to/cifar10-jpg.tar.gz       # or cifar-10-python.tar.gz
     make laptop CIFAR=path/to/cifar10-jpg.tar.gz
