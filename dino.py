@@ -58,14 +58,11 @@ def make_parser():
     group.add_argument("--batch-size", type=common.positive_int, default=512, help="images per step")
     group.add_argument("--lr", type=common.positive_float, default=5e-4,
                        help="base learning rate per 256 images (scaled linearly with --batch-size)")
-    group.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
-                       help="AdamW for ViTs, as in the paper")
+    group.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"], help="AdamW for ViTs (the paper)")
     group.add_argument("--weight-decay", type=common.nonneg_float, default=0.04, help="weight decay at the start ...")
-    group.add_argument("--weight-decay-end", type=common.nonneg_float, default=0.4,
-                       help="... rising to this on a cosine")
+    group.add_argument("--weight-decay-end", type=common.nonneg_float, default=0.4, help="... rising to it on a cosine")
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
-                       help="linear LR warmup, in epochs (default: the recipe's 10 of 300, the same fraction "
-                            "of a shorter run, but at least one epoch)")
+                       help="linear LR warmup in epochs (default: 10 of 300, scaled to a shorter run, >= 1)")
     group.add_argument("--momentum", type=common.ema_momentum, default=0.996,
                        help="the teacher's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine")
     group.add_argument("--student-temp", type=common.positive_float, default=0.1, help="T_s")
@@ -74,26 +71,19 @@ def make_parser():
     group.add_argument("--warmup-teacher-temp", type=common.positive_float, default=0.04,
                        help="T_t at step 0: a very sharp teacher early on keeps the start from collapsing")
     group.add_argument("--warmup-teacher-temp-epochs", type=common.nonneg_float, default=None,
-                       help="epochs of linear rise from --warmup-teacher-temp to --teacher-temp (default: "
-                            "the recipe's 30 of 300, the same fraction of a shorter run)")
+                       help="epochs of linear rise to --teacher-temp (default: 30 of 300, scaled to a shorter run)")
     group.add_argument("--center-momentum", type=common.ema_momentum, default=0.9, help="EMA momentum of the centre c")
     group.add_argument("--local-crops", type=common.nonneg_int, default=6,
-                       help="M small crops per image, seen by the student only (the paper's 8 at ImageNet "
-                            "size; fewer here, as each costs a forward and backward pass)")
+                       help="M small crops per image, student only (the paper's 8; each costs a forward and backward)")
     group.add_argument("--local-size", type=common.positive_int, default=None,
-                       help="side of a local crop in pixels (default: half of --image-size, 16 at 32 px; the "
-                            "paper's 96 of 224)")
-    group.add_argument("--clip-grad", type=common.nonneg_float, default=3.0,
-                       help="max gradient norm of each parameter tensor (0: no clipping)")
-    group.add_argument("--drop-path", type=common.nonneg_float, default=0.1,
-                       help="stochastic depth of the student ViT (the teacher has none)")
+                       help="local crop side in pixels (default: half of --image-size; the paper's 96 of 224)")
+    group.add_argument("--clip-grad", type=common.nonneg_float, default=3.0, help="max grad norm per tensor (0: off)")
+    group.add_argument("--drop-path", type=common.nonneg_float, default=0.1, help="stochastic depth, student ViT only")
     group.add_argument("--freeze-last-layer", type=common.nonneg_float, default=None,
-                       help="epochs during which the head's last layer is not updated, which stabilises the start "
-                            "(default: the recipe's 1 of 300, the same fraction of a shorter run)")
+                       help="epochs with the head's last layer frozen (default: 1 of 300, scaled to a shorter run)")
     group.add_argument("--head-hidden", type=common.positive_int, default=2048, help="head MLP width")
     group.add_argument("--head-bottleneck", type=common.positive_int, default=256, help="L2-normalised bottleneck")
-    group.add_argument("--out-dim", type=common.positive_int, default=4096,
-                       help="K, prototypes (the paper's 65536 is for ImageNet's 1000 classes)")
+    group.add_argument("--out-dim", type=common.positive_int, default=4096, help="K prototypes (the paper: 65536)")
     return p
 
 
@@ -119,10 +109,9 @@ def dino_augments(mean_std, size, local_size, local_crops):
 # ============================================================================================
 
 class DINOHead(nn.Module):
-    """MLP -> L2-normalised bottleneck -> weight-normalised linear layer to K logits. With the
-    rows of the last weight normalised (the weight norm's gain fixed at 1, the paper's
-    norm_last_layer, the stable choice its README gives for small batches), every logit is
-    a cosine similarity between the bottleneck and one prototype."""
+    """MLP -> L2-normalised bottleneck -> weight-normalised linear layer to K logits, its gain
+    fixed at 1 (the paper's norm_last_layer, its README's stable choice for small batches):
+    every logit is a cosine similarity between the bottleneck and one prototype."""
 
     def __init__(self, in_dim, hidden, bottleneck, out_dim):
         super().__init__()
@@ -276,14 +265,12 @@ def main(argv=None):
     args = common.parse_args(parser, argv, "dino")
     local_size = args.local_size or max(1, args.image_size // 2)
     if args.local_crops and local_size > args.image_size:
-        parser.error(f"--local-size {local_size} is larger than --image-size {args.image_size}: a local crop "
-                     f"is a small part of the image")
+        parser.error(f"--local-size {local_size} is larger than --image-size {args.image_size}: a local crop is a part")
     if args.arch.startswith("vit") and args.local_crops and local_size % args.patch_size:
         parser.error(f"--local-size {local_size} is not a multiple of --patch-size {args.patch_size}")
     run = common.Run(args, "dino")
 
-    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size,
-                                     drop_path=args.drop_path)
+    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size, drop_path=args.drop_path)
     model = common.to_device(DINO(backbone, args.head_hidden, args.head_bottleneck, args.out_dim), run.device)
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)
@@ -301,10 +288,9 @@ def main(argv=None):
     for epoch in range(run.start_epoch, args.epochs):
         for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
             common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr, final=1e-6))
+            wd = common.cosine_schedule(step, run.total_steps, args.weight_decay, args.weight_decay_end)
             for group in optimizer.param_groups:               # the matrices' weight decay rises; 0 elsewhere
-                if group["decay"]:
-                    group["weight_decay"] = common.cosine_schedule(step, run.total_steps, args.weight_decay,
-                                                                   args.weight_decay_end)
+                group["weight_decay"] = wd if group["decay"] else 0.0
             temp = teacher_temperature(step, warmup_temp, args.warmup_teacher_temp, args.teacher_temp)
             momentum = common.cosine_schedule(step, run.total_steps, args.momentum, 1.0)
             x = run.data.train_x[idx]                          # (B, 3, H, W) uint8, on the device

@@ -57,8 +57,7 @@ def make_parser():
     group.add_argument("--batch-size", type=common.positive_int, default=512, help="images per step")
     group.add_argument("--lr", type=common.positive_float, default=1.5e-4,
                        help="base learning rate per 256 images (scaled linearly with --batch-size)")
-    group.add_argument("--weight-decay", type=common.nonneg_float, default=0.05,
-                       help="AdamW weight decay on weight matrices")
+    group.add_argument("--weight-decay", type=common.nonneg_float, default=0.05, help="AdamW weight decay on matrices")
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
                        help="linear LR warmup, in epochs (default: the recipe's 40 of 800, the same fraction "
                             "of a shorter run, but at least one epoch)")
