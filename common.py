@@ -389,9 +389,10 @@ def make_shapes(n, seed, size=32):
     """n images (n, 3, size, size) uint8 and labels (n,), deterministic in `seed`.
 
     Each image is one of ten shapes with random colour, size, position and rotation, over a
-    random textured background (stripes, checks, blobs or a gradient). Colour and texture
-    carry no class information, so a network must look at the outline to tell classes
-    apart: random-init features do poorly, self-supervised ones learn to do well."""
+    random textured background (stripes, checks, blobs or a gradient), under film grain.
+    Colour, texture and grain carry no class information, so a network must look at the
+    outline to tell classes apart: random-init features do poorly, self-supervised ones
+    learn to do well."""
     rng = np.random.default_rng(seed)
     f32 = lambda a: np.asarray(a, dtype=np.float32)
     grid = lambda s: np.meshgrid(*[f32((np.arange(s) + 0.5) / s * 2 - 1)] * 2, indexing="ij")
@@ -442,6 +443,11 @@ def make_shapes(n, seed, size=32):
         fill = np.where(far, 1 - bg_mean, fill)
         img = img * (1 - alpha) + fill * shade * alpha         # (m, S, S, 3)
         img += f32(rng.normal(0, 0.03, img.shape))             # sensor noise
+        # Film grain: grey noise of its own in every image, as in a photograph. Two uncropped
+        # views share it pixel for pixel, an easy match that says nothing of the shape; a crop
+        # resamples it, so the crop is what makes the shape the cue (SimCLR, 20 epochs: 41.6%
+        # kNN with crops of 60-100%, 28.6% without).
+        img += f32(rng.normal(0, 0.1, (m, size, size, 1)))
         out[i0:i1] = (img.clip(0, 1) * 255 + 0.5).astype(np.uint8)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)
 
