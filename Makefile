@@ -54,7 +54,7 @@ DEMO_RESNET := $(DEMO) --width 16 --min-scale 0.6
 DEMO_simclr := simclr.py $(DEMO_RESNET) --epochs 20 --warmup-epochs 2
 DEMO_moco := moco.py $(DEMO_RESNET) --epochs 12
 DEMO_byol := byol.py $(DEMO_RESNET) --epochs 16
-DEMO_simsiam := simsiam.py $(DEMO_RESNET) --epochs 20
+DEMO_simsiam := simsiam.py $(DEMO_RESNET) --epochs 16
 DEMO_dino := dino.py $(DEMO) --arch resnet18 --width 16 --local-crops 2 --epochs 10
 DEMO_mae := mae.py $(DEMO) --patch-size 4 --epochs 10 --finetune-epochs 0
 
