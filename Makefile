@@ -48,11 +48,14 @@ setup: $(VENV)/.installed
 # One recipe per method for `make demo METHOD=...`: 16 px shapes and a narrow ResNet-18 (MAE: a
 # ViT-Tiny with 4 px patches; DINO's ViT with 2 px patches trains at 22 images/s here), with
 # the epochs that fit four minutes on 2 CPU cores. Crops of 60-100% of the image: smaller ones
-# cut the outline, which is all that tells the shapes apart at 16 px.
+# cut the outline, which is all that tells the shapes apart at 16 px (SimCLR on shapes without
+# grain, 15 epochs: 44.4% kNN with 60-100%, 35.3% with 30-100%). MoCo's queue holds 1,024
+# keys, not 4,096: with 4,096 the embeddings nearly collapsed in the first epoch and kNN ended
+# below random init (15.1% against 17.6%, 12 epochs); with 1,024, 20.1%.
 DEMO := --data shapes --image-size 16 --batch-size 256 --eval-every 5
 DEMO_RESNET := $(DEMO) --width 16 --min-scale 0.6
 DEMO_simclr := simclr.py $(DEMO_RESNET) --epochs 20 --warmup-epochs 2
-DEMO_moco := moco.py $(DEMO_RESNET) --epochs 12
+DEMO_moco := moco.py $(DEMO_RESNET) --epochs 16 --queue-size 1024
 DEMO_byol := byol.py $(DEMO_RESNET) --epochs 16
 DEMO_simsiam := simsiam.py $(DEMO_RESNET) --epochs 16
 DEMO_dino := dino.py $(DEMO) --arch resnet18 --width 16 --local-crops 2 --epochs 10
