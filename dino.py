@@ -265,7 +265,7 @@ def main(argv=None):
     args = common.parse_args(parser, argv, "dino")
     local_size = args.local_size or max(1, args.image_size // 2)
     if args.local_crops and local_size > args.image_size:
-        parser.error(f"--local-size {local_size} is larger than --image-size {args.image_size}: a local crop is a part")
+        parser.error(f"--local-size {local_size} is larger than --image-size {args.image_size}")
     if args.arch.startswith("vit") and args.local_crops and local_size % args.patch_size:
         parser.error(f"--local-size {local_size} is not a multiple of --patch-size {args.patch_size}")
     run = common.Run(args, "dino")
