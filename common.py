@@ -781,17 +781,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, return_attention=False):
+    def forward(self, x):
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, h, L, D/h)
-        q, k, v = qkv.unbind(0)
-        if return_attention:
-            attn = (q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)).softmax(-1)     # (B, h, L, L)
-            out = attn @ v
-        else:
-            attn, out = None, F.scaled_dot_product_attention(q, k, v)                     # fused kernel
-        out = out.transpose(1, 2).reshape(B, L, D)             # (B, L, D)
-        return self.proj(out), attn
+        out = F.scaled_dot_product_attention(*qkv.unbind(0))   # (B, h, L, D/h): softmax(q k^T / sqrt(d)) v, fused
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))   # (B, L, D)
 
 
 class Block(nn.Module):
@@ -805,11 +799,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
         self.drop = drop
 
-    def forward(self, x, return_attention=False):
-        a, attn = self.attn(self.norm1(x), return_attention)
-        x = x + drop_path(a, self.drop, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop, self.training)
-        return (x, attn) if return_attention else x
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop, self.training)
 
 
 class ViT(nn.Module):

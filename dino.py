@@ -226,11 +226,16 @@ def train_step(model, optimizer, global_crops, local_crops, teacher_temp, moment
 
 @torch.no_grad()
 def last_attention(vit, x):
-    """Attention weights of the ViT's last block, (B, heads, 1 + L, 1 + L); rows sum to 1."""
+    """Attention weights of the ViT's last block, softmax(q k^T / sqrt(d)) (B, heads, 1 + L, 1 + L),
+    rebuilt from its qkv projection (the fused kernel of the forward pass never forms them)."""
     h = vit.embed(x)
     for blk in vit.blocks[:-1]:
         h = blk(h)
-    return vit.blocks[-1](h, return_attention=True)[1]
+    attn = vit.blocks[-1].attn
+    B, L, D = h.shape
+    d = D // attn.heads
+    q, k, _ = attn.qkv(vit.blocks[-1].norm1(h)).view(B, L, 3, attn.heads, d).permute(2, 0, 3, 1, 4)  # (B, h, L, d) each
+    return (q @ k.transpose(-2, -1) / math.sqrt(d)).softmax(-1)   # (B, heads, L, L)
 
 
 @torch.no_grad()

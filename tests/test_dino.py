@@ -6,6 +6,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, strategies as st
 from PIL import Image
 
@@ -133,6 +134,21 @@ def test_vit_positions_resize_for_small_crops_and_attention_rows_sum_to_one():
     assert vit(torch.randn(2, 3, 8, 8)).shape == (2, 32)        # a local crop: 2x2 patches
     attn = dino.last_attention(vit, torch.randn(2, 3, 8, 8))
     assert attn.shape == (2, 2, 5, 5) and torch.allclose(attn.sum(-1), torch.ones(2, 2, 5), atol=1e-5)
+
+
+def test_attention_maps_are_the_weights_the_last_block_uses():
+    """Weights times values, through the output projection, must give what the block's fused
+    attention computes: an oracle that does not rebuild the weights the same way."""
+    torch.manual_seed(0)
+    vit = common.ViT(image_size=16, patch_size=4, dim=32, depth=2, heads=4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    attn = dino.last_attention(vit, x)                         # (2, 4, 17, 17)
+    h = vit.blocks[0](vit.embed(x))
+    blk = vit.blocks[-1]
+    y = blk.norm1(h)
+    v = F.linear(y, blk.attn.qkv.weight[64:], blk.attn.qkv.bias[64:]).view(2, 17, 4, 8).transpose(1, 2)
+    out = blk.attn.proj((attn @ v).transpose(1, 2).reshape(2, 17, 32))
+    assert torch.allclose(out, blk.attn(y), atol=1e-5)
 
 
 def test_dino_crops_follow_the_paper():
