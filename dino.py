@@ -190,8 +190,7 @@ def clip_gradients(params, max_norm):
     """The paper's clipping: each tensor's gradient rescaled, on its own, to a norm of at
     most max_norm (not one norm over all of them). All tensors at once, on the device."""
     grads = [p.grad for p in params if p.grad is not None]
-    norms = torch._foreach_norm(grads)
-    torch._foreach_mul_(grads, [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms])
+    torch._foreach_mul_(grads, [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in torch._foreach_norm(grads)])
 
 
 # ============================================================================================
@@ -231,11 +230,9 @@ def last_attention(vit, x):
     h = vit.embed(x)
     for blk in vit.blocks[:-1]:
         h = blk(h)
-    attn = vit.blocks[-1].attn
-    B, L, D = h.shape
-    d = D // attn.heads
-    q, k, _ = attn.qkv(vit.blocks[-1].norm1(h)).view(B, L, 3, attn.heads, d).permute(2, 0, 3, 1, 4)  # (B, h, L, d) each
-    return (q @ k.transpose(-2, -1) / math.sqrt(d)).softmax(-1)   # (B, heads, L, L)
+    blk, (B, L, D) = vit.blocks[-1], h.shape
+    q, k, _ = blk.attn.qkv(blk.norm1(h)).view(B, L, 3, blk.attn.heads, -1).permute(2, 0, 3, 1, 4)   # (B, heads, L, d)
+    return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)   # (B, heads, L, L)
 
 
 @torch.no_grad()
@@ -249,14 +246,12 @@ def save_attention(vit, images, mean_std, path):
     attn = last_attention(vit, x)[:, :, 0, 1:].float()         # (n, heads, L): [CLS] -> each patch
     n, heads, L = attn.shape
     g, S = math.isqrt(L), images.shape[-1]
-    maps = attn.reshape(n * heads, 1, g, g)
-    maps = maps / maps.amax((2, 3), keepdim=True)              # each map on [0, 1]
+    maps = (attn / attn.amax(-1, keepdim=True)).reshape(n * heads, 1, g, g)   # each map on [0, 1]
     maps = F.interpolate(maps, size=(S, S), mode="bilinear", align_corners=False).clamp(0, 1)
     maps = maps.reshape(n, heads, 1, S, S)
     heat = torch.cat([maps.mul(2).clamp(max=1), maps.mul(2).sub(1).clamp(min=0), torch.zeros_like(maps)], 2)
     img = images.float().div(255).unsqueeze(1)                 # (n, 1, 3, S, S)
-    overlay = 0.35 * img + 0.65 * heat                         # (n, heads, 3, S, S): black-red-yellow
-    grid = torch.cat([img, overlay], 1)                        # (n, 1 + heads, 3, S, S)
+    grid = torch.cat([img, 0.35 * img + 0.65 * heat], 1)       # (n, 1 + heads, 3, S, S): overlays black-red-yellow
     common.save_grid((grid * 255).round().byte().cpu(), path, scale=4)
     vit.train(was_training)
 
