@@ -79,6 +79,10 @@ def make_parser():
                        help="smallest crop as a fraction of the image area")
     group.add_argument("--proj-hidden", type=common.positive_int, default=2048, help="projector hidden width")
     group.add_argument("--proj-dim", type=common.positive_int, default=256, help="dimension of q and k")
+    group.add_argument("--proj-bn", action=argparse.BooleanOptionalAction, default=False,
+                       help="a BatchNorm after the projector's hidden layer, split like the encoder's (SimCLR's "
+                            "and MoCo v3's projector; MoCo v2's has none, hence off). README: what it does in a "
+                            "short run")
     return p
 
 
@@ -100,9 +104,10 @@ def moco_augment(mean_std, size, min_scale=0.08):
 
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics are computed separately over G equal groups of
-    the batch, as if each group sat on its own GPU. It replaces the ResNet's BatchNorms with
-    the same parameters and buffers, so the encoder still loads into a plain ResNet; in eval
-    mode it is plain BatchNorm.
+    the batch, as if each group sat on its own GPU. It replaces the ResNet's BatchNorms (and
+    the projector's, with --proj-bn: inputs (N, C) as well as (N, C, H, W)) with the same
+    parameters and buffers, so the encoder still loads into a plain ResNet; in eval mode it
+    is plain BatchNorm.
 
     Why MoCo needs it: with one BatchNorm over the whole batch, the positive key k+ is the
     only candidate computed with the current batch's statistics (every negative in the queue
@@ -116,29 +121,34 @@ class SplitBatchNorm(nn.BatchNorm2d):
         super().__init__(num_features)
         self.groups = groups
 
-    def forward(self, x):                                      # (N, C, H, W)
+    def _check_input_dim(self, x):                             # BatchNorm2d's check, widened to (N, C)
+        if x.dim() not in (2, 4):
+            raise ValueError(f"expected a 2D or 4D input, got {x.dim()}D")
+
+    def forward(self, x):                                      # (N, C, H, W) or (N, C)
         G = self.groups
         if not self.training or G == 1:
             return super().forward(x)
-        N, C, H, W = x.shape
+        N, C, rest = x.shape[0], x.shape[1], x.shape[2:]      # rest: (H, W), or () in the projector
         # The groups side by side as channels, so that one fused BatchNorm call does all of them:
         # rows g*N/G... of channel c become channel g*C + c.
-        xg = x.view(G, N // G, C, H, W).transpose(0, 1).reshape(N // G, G * C, H, W)
+        xg = x.view(G, N // G, C, *rest).transpose(0, 1).reshape(N // G, G * C, *rest)
         mean, var = self.running_mean.repeat(G), self.running_var.repeat(G)   # (G*C,) updated in place
         y = F.batch_norm(xg, mean, var, self.weight.repeat(G), self.bias.repeat(G), True, self.momentum, self.eps)
         with torch.no_grad():                                  # running stats: the mean over groups
             self.running_mean.copy_(mean.view(G, C).mean(0))
             self.running_var.copy_(var.view(G, C).mean(0))
             self.num_batches_tracked += 1
-        y = y.view(N // G, G, C, H, W).transpose(0, 1).reshape(N, C, H, W)   # back to rows in order
-        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        return y.contiguous(memory_format=layout)
+        y = y.view(N // G, G, C, *rest).transpose(0, 1).reshape(x.shape)   # back to rows in order
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return y.contiguous(memory_format=torch.channels_last)
+        return y.contiguous()
 
 
 def split_batchnorm(module, groups):
-    """Replace every BatchNorm2d inside `module` by a SplitBatchNorm with its state."""
+    """Replace every BatchNorm1d and BatchNorm2d inside `module` by a SplitBatchNorm with its state."""
     for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
+        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
             split = SplitBatchNorm(child.num_features, groups)
             split.load_state_dict(child.state_dict())
             for new, old in zip(split.parameters(), child.parameters()):
@@ -150,10 +160,14 @@ def split_batchnorm(module, groups):
 
 
 class MoCo(nn.Module):
-    def __init__(self, backbone, hidden, dim, queue_size):
+    def __init__(self, backbone, hidden, dim, queue_size, proj_bn=False):
         super().__init__()
-        # f_q: backbone, then MoCo v2's projector, Linear-ReLU-Linear (no BatchNorm): x -> q (N, D)
-        projector = nn.Sequential(nn.Linear(backbone.dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        # f_q: backbone, then MoCo v2's projector, Linear-ReLU-Linear (no BatchNorm): x -> q (N, D).
+        # With proj_bn, Linear-BN-ReLU-Linear instead (common.mlp, SimCLR's projector).
+        if proj_bn:
+            projector = common.mlp([backbone.dim, hidden, dim])
+        else:
+            projector = nn.Sequential(nn.Linear(backbone.dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         self.encoder_q = nn.Sequential(backbone, projector)
         # f_k starts as a copy of f_q and moves only through ema_update: no optimizer sees it.
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
@@ -251,7 +265,7 @@ def main(argv=None):
     run = common.Run(args, "moco")
 
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
-    model = MoCo(backbone, args.proj_hidden, args.proj_dim, args.queue_size)
+    model = MoCo(backbone, args.proj_hidden, args.proj_dim, args.queue_size, args.proj_bn)
     if args.bn_splits > 1:
         model = split_batchnorm(model, args.bn_splits)        # both encoders
     model = common.to_device(model, run.device)

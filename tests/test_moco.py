@@ -88,14 +88,24 @@ def test_moco_projector_has_no_batchnorm():
     assert [type(m) for m in model.encoder_q[1]] == [nn.Linear, nn.ReLU, nn.Linear]
 
 
-@given(G=st.sampled_from([1, 2, 4]), n=st.integers(2, 5), seed=st.integers(0, 1000))
-def test_split_batchnorm_equals_batchnorm_per_group(G, n, seed):
+def test_moco_projector_with_proj_bn_has_a_split_batchnorm():
+    model = moco.MoCo(common.build_backbone("resnet18", 16, width=8), 32, 16, 10, proj_bn=True)
+    assert [type(m) for m in model.encoder_q[1]] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    model = moco.split_batchnorm(model, 2)
+    assert isinstance(model.encoder_q[1][1], moco.SplitBatchNorm)
+    assert isinstance(model.encoder_k[1][1], moco.SplitBatchNorm)
+
+
+@given(G=st.sampled_from([1, 2, 4]), n=st.integers(2, 5), seed=st.integers(0, 1000), image=st.booleans())
+def test_split_batchnorm_equals_batchnorm_per_group(G, n, seed, image):
     """Training output: each group of rows normalised by its own statistics, exactly what
-    G separate BatchNorms on G devices would give. Running stats: the mean over groups."""
+    G separate BatchNorms on G devices would give. Running stats: the mean over groups.
+    image: a BatchNorm2d on (N, C, 4, 4), else a BatchNorm1d on (N, C) (the projector's)."""
     torch.manual_seed(seed)
     C = 3
-    x = torch.randn(G * n, C, 4, 4) * 3 + 1
-    bn = nn.BatchNorm2d(C)
+    BN, shape, dims = (nn.BatchNorm2d, (4, 4), (0, 2, 3)) if image else (nn.BatchNorm1d, (), (0,))
+    x = torch.randn(G * n, C, *shape) * 3 + 1
+    bn = BN(C)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2)
         bn.bias.uniform_(-1, 1)
@@ -104,15 +114,15 @@ def test_split_batchnorm_equals_batchnorm_per_group(G, n, seed):
     y = split(x)
     means, vars_ = [], []
     for chunk, y_chunk in zip(x.chunk(G), y.chunk(G)):
-        ref = nn.BatchNorm2d(C)
+        ref = BN(C)
         ref.load_state_dict(bn.state_dict())
         assert torch.allclose(y_chunk, ref(chunk), atol=1e-5)
-        means.append(chunk.mean((0, 2, 3)))
-        vars_.append(chunk.var((0, 2, 3), unbiased=True))
+        means.append(chunk.mean(dims))
+        vars_.append(chunk.var(dims, unbiased=True))
     assert torch.allclose(split.running_mean, 0.1 * torch.stack(means).mean(0), atol=1e-5)
     assert torch.allclose(split.running_var, 0.9 + 0.1 * torch.stack(vars_).mean(0), atol=1e-5)
     split.eval()
-    ref = nn.BatchNorm2d(C)
+    ref = BN(C)
     ref.load_state_dict(split.state_dict())
     assert torch.allclose(split(x), ref.eval()(x), atol=1e-6)
 
@@ -179,8 +189,9 @@ def test_moco_keys_are_unshuffled_and_normalised_within_their_shuffled_group():
 
 def test_moco_queue_survives_resume(tmp_path, monkeypatch):
     """Interrupt after epoch 1, resume to epoch 2: the weights and the queue (contents and
-    pointer) equal those of an uninterrupted two-epoch run."""
-    args = TINY + SMALL + ["--epochs", "2", "--eval-every", "0"]
+    pointer) equal those of an uninterrupted two-epoch run (with the projector's split
+    BatchNorm, whose statistics must survive too)."""
+    args = TINY + SMALL + ["--epochs", "2", "--eval-every", "0", "--proj-bn"]
     straight, interrupted = tmp_path / "a", tmp_path / "b"
     moco.main(args + ["--out", str(straight)])
 
