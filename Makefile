@@ -55,8 +55,8 @@ setup: $(VENV)/.installed
 # below random init (15.1% against 17.6%, 12 epochs); with 1,024, 20.1%. Its projector has a
 # BatchNorm (--proj-bn, SimCLR's and MoCo v3's; MoCo v2's has none) and its key encoder's
 # momentum stays at 0.99 instead of rising to 0.999 (a memory of 1,000 steps; the demo had
-# 624 at batch 256): with both, kNN gains of +7.35, +1.50 and +4.95 points over random init for seeds 0,
-# 1 and 2, against +3.35, -0.70 and +2.30 without. And it takes batches of 128, not 256:
+# 624 at batch 256): with both, kNN gains of +7.35, +1.50 and +4.95 points over random init
+# for seeds 0, 1 and 2, against +3.35, -0.70 and +2.30 without. And it takes batches of 128:
 # the queue, not the batch, holds its negatives, so the same images in twice the steps
 # (1,248) give the key encoder and SGD twice the updates: gains of +11.65, +7.50 and
 # +11.70 for the same seeds (2026-12-02, README).
