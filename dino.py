@@ -117,7 +117,12 @@ class DINOHead(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, bottleneck))
-        self.prototypes = nn.Parameter(torch.randn(out_dim, bottleneck) * 0.02)   # (K, bottleneck)
+        # The prototypes start as the official code's last layer does, at PyTorch's default for a
+        # Linear, uniform in +-1/sqrt(bottleneck) (it is built after the 0.02 init of the MLP). Their
+        # scale matters though the logits are cosines: AdamW moves every entry by about the LR per
+        # step, so smaller entries would turn the prototypes faster.
+        bound = bottleneck ** -0.5
+        self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck).uniform_(-bound, bound))   # (K, bottleneck)
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

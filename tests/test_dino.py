@@ -117,6 +117,16 @@ def test_dino_head_logits_are_cosines_with_unit_prototypes():
             assert abs(out[i, k].item() - (b[i] @ p / (b[i].norm() * p.norm())).item()) < 1e-5
 
 
+def test_prototypes_start_at_pytorch_linear_default():
+    """The official head builds its last layer after the MLP's 0.02 init, so the prototypes get
+    nn.Linear's default: uniform in +-1/sqrt(fan_in), standard deviation 1/sqrt(3 fan_in)."""
+    torch.manual_seed(0)
+    w = dino.DINOHead(8, 16, 64, 2000).prototypes.detach()     # fan_in 64: bound 0.125
+    assert w.abs().max() <= 0.125 and w.abs().max() > 0.124    # 128,000 draws reach the bound
+    assert abs(w.std().item() - 0.125 / math.sqrt(3)) < 0.001
+    assert abs(w.mean().item()) < 0.001
+
+
 def test_per_tensor_gradient_clipping():
     """Each tensor's gradient is rescaled to norm <= max on its own (DINO's clip_gradients),
     not by one global norm: a small gradient next to a huge one is left as it is."""
