@@ -117,6 +117,30 @@ def test_dino_head_logits_are_cosines_with_unit_prototypes():
             assert abs(out[i, k].item() - (b[i] @ p / (b[i].norm() * p.norm())).item()) < 1e-5
 
 
+def test_without_norm_last_layer_each_prototype_has_a_trained_length():
+    """--no-norm-last-layer: logit k is g_k times the cosine, g_k trained from 1; with the
+    default, g stays frozen at 1. Either way an optimizer step with the last layer frozen
+    leaves the prototypes and their lengths as they were."""
+    torch.manual_seed(0)
+    free, fixed = dino.DINOHead(8, 16, 4, 10, norm_last_layer=False), dino.DINOHead(8, 16, 4, 10)
+    assert free.gain.requires_grad and not fixed.gain.requires_grad
+    h = torch.randn(5, 8)
+    cos = fixed(h)
+    free.load_state_dict(fixed.state_dict())
+    assert torch.allclose(free(h), cos)                        # g = 1 at the start: the same cosines
+    with torch.no_grad():
+        free.gain[3] = 2.5
+    assert torch.allclose(free(h)[:, 3], 2.5 * cos[:, 3]) and torch.allclose(free(h)[:, :3], cos[:, :3])
+    vit = common.ViT(image_size=8, patch_size=4, dim=8, depth=1, heads=2)
+    model = dino.DINO(vit, 16, 4, 10, norm_last_layer=False)
+    opt = torch.optim.AdamW(model.student.parameters(), lr=0.1)
+    before = [model.student[1].prototypes.clone(), model.student[1].gain.clone()]
+    args = dino.make_parser().parse_args([])
+    dino.train_step(model, opt, torch.randn(4, 3, 8, 8), None, 0.04, 0.9, args, nullcontext(), freeze_last_layer=True)
+    assert torch.equal(model.student[1].prototypes, before[0]) and torch.equal(model.student[1].gain, before[1])
+    assert not torch.equal(model.student[1].mlp[0].weight, model.teacher[1].mlp[0].weight)   # the rest moved
+
+
 def test_prototypes_start_at_pytorch_linear_default():
     """The official head builds its last layer after the MLP's 0.02 init, so the prototypes get
     nn.Linear's default: uniform in +-1/sqrt(fan_in), standard deviation 1/sqrt(3 fan_in)."""
