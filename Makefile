@@ -1,7 +1,7 @@
 # make setup   create .venv with the pinned packages (REUSE_TORCH=1 keeps a torch already installed)
 # make demo    SimCLR on the built-in `shapes` data, on the CPU, in 3 to 8 minutes (2 cores)
 #              (METHOD=moco|byol|simsiam|dino|mae: that method instead, four minutes or less on
-#              the 2-core machine of 2026-11-25; about 2.5 times that on a slower one, README)
+#              the 2-core Intel Xeon of 2026-12-02; about 2.5 times that on a slower one, README)
 # make test    the test suite (no network, no GPU)
 # make bench   speed table on a GPU (METHOD=simclr|moco|byol|simsiam|dino|mae, BENCH_DATA=path to
 #              CIFAR-10, BENCH_PY=python with torch)
