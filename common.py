@@ -1679,8 +1679,12 @@ def warn_collapse(std, dim):
 def restore(path, method, model, optimizer):
     """Load a checkpoint into the model and the optimizer and restore the RNG; return it."""
     c = read_checkpoint(path, method)
-    model.load_state_dict(c["model"])
-    optimizer.load_state_dict(c["optimizer"])
+    try:
+        model.load_state_dict(c["model"])
+        optimizer.load_state_dict(c["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:                 # e.g. written by an older version
+        raise UserError(f"--resume {path}: the checkpoint does not fit the model {method}.py builds now "
+                        f"(written by another version of the code?): {str(e).splitlines()[0]}") from None
     set_rng_state(c["rng"])
     return c
 

@@ -88,6 +88,21 @@ def test_bad_input_gives_clear_error(tmp_path, args, needle):
     assert needle in r.stderr and "Traceback" not in r.stderr
 
 
+def test_checkpoint_that_does_not_fit_the_model_gives_clear_error(tmp_path):
+    """A checkpoint from another version of the code (here: a weight renamed) stops the resume
+    with a message naming it, and is left as it was."""
+    out = tmp_path / "run"
+    assert run_simclr(*TINY, "--epochs", "1", "--out", str(out)).returncode == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["model"]["old_name"] = ckpt["model"].pop(next(iter(ckpt["model"])))
+    torch.save(ckpt, out / "checkpoint.pt")
+    before = (out / "checkpoint.pt").read_bytes()
+    r = run_simclr("--resume", str(out / "checkpoint.pt"), "--epochs", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"--resume {out / 'checkpoint.pt'}: the checkpoint does not fit the model simclr.py" in r.stderr
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
 def test_existing_run_is_never_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
