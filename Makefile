@@ -60,7 +60,7 @@ setup: $(VENV)/.installed
 # the queue, not the batch, holds its negatives, so the same images in twice the steps
 # (1,248) give the key encoder and SGD twice the updates: gains of +11.65, +7.50 and
 # +11.70 for the same seeds (2026-12-02, README). MAE gets 40 epochs, over the four minutes:
-# its loss sits near 0.64 for about 15 epochs before its features form (kNN at init + 0.4
+# its loss sits near 0.64 for about 15 epochs before its features form (kNN at init + 0.2
 # after 10 epochs and + 0.6 after 20, + 6.8 after 40; README).
 DEMO := --data shapes --image-size 16 --eval-every 5
 DEMO_RESNET := $(DEMO) --width 16 --min-scale 0.6
