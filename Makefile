@@ -48,9 +48,9 @@ setup: $(VENV)/.installed
 
 # One recipe per method for `make demo METHOD=...`: 16 px shapes and a narrow ResNet-18 (MAE: a
 # ViT-Tiny with 4 px patches; DINO's ViT with 2 px patches trains at 22 images/s here), with
-# the epochs that fit four minutes on 2 CPU cores (MAE: below). Crops of 60-100% of the image: smaller ones
-# cut the outline, which is all that tells the shapes apart at 16 px (SimCLR on shapes without
-# grain, 15 epochs: 44.4% kNN with 60-100%, 35.3% with 30-100%). MoCo's queue holds 1,024
+# the epochs that fit four minutes on 2 CPU cores (MAE: below). Crops of 60-100% of the image:
+# smaller ones cut the outline, which is all that tells the shapes apart at 16 px (SimCLR on
+# shapes without grain, 15 epochs: 44.4% kNN with 60-100%, 35.3% with 30-100%). MoCo's queue holds 1,024
 # keys, not 4,096: with 4,096 the embeddings nearly collapsed in the first epoch and kNN ended
 # below random init (15.1% against 17.6%, 12 epochs); with 1,024, 20.1%. Its projector has a
 # BatchNorm (--proj-bn, SimCLR's and MoCo v3's; MoCo v2's has none) and its key encoder's
