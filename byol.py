@@ -160,7 +160,7 @@ def main(argv=None):
     run = common.Run(args, "byol")
 
     # Residual branches start at 0 (torchvision's zero_init_residual), as in the paper's ResNet.
-    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size,
+    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size, args.depth,
                                      zero_init_residual=True)
     model = common.to_device(BYOL(backbone, args.proj_hidden, args.proj_dim, args.pred_hidden, args.predictor),
                              run.device)

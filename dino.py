@@ -284,7 +284,8 @@ def main(argv=None):
         parser.error(f"--local-size {local_size} is not a multiple of --patch-size {args.patch_size}")
     run = common.Run(args, "dino")
 
-    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size, drop_path=args.drop_path)
+    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size, args.depth,
+                                     drop_path=args.drop_path)
     model = common.to_device(DINO(backbone, args.head_hidden, args.head_bottleneck, args.out_dim, args.norm_last_layer),
                              run.device)
     base_lr = args.lr * args.batch_size / 256

@@ -264,7 +264,7 @@ def main(argv=None):
                      f"(--batch-size {args.batch_size})")
     run = common.Run(args, "moco")
 
-    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
+    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size, args.depth)
     model = MoCo(backbone, args.proj_hidden, args.proj_dim, args.queue_size, args.proj_bn)
     if args.bn_splits > 1:
         model = split_batchnorm(model, args.bn_splits)        # both encoders

@@ -153,7 +153,7 @@ def main(argv=None):
     args = common.parse_args(make_parser(), argv, "simclr")
     run = common.Run(args, "simclr")
 
-    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
+    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size, args.depth)
     model = common.to_device(SimCLR(backbone, args.proj_hidden, args.proj_dim), run.device)
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)

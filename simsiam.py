@@ -151,7 +151,7 @@ def main(argv=None):
     run = common.Run(args, "simsiam")
 
     # Residual branches start at 0 (torchvision's zero_init_residual), as in the paper's code.
-    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size,
+    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size, args.depth,
                                      zero_init_residual=True)
     model = common.to_device(SimSiam(backbone, args.proj_hidden, args.proj_dim, args.pred_hidden), run.device)
     base_lr = args.lr * args.batch_size / 256

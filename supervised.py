@@ -153,7 +153,7 @@ def main(argv=None):
         raise common.UserError(f"--data {args.data}: supervised training needs labels on a train and a test "
                                f"split (train/ and test/ folders with one subfolder per class).")
 
-    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size)
+    backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size, args.depth)
     model = common.to_device(Supervised(backbone, len(run.data.classes)), run.device)
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), "sgd", base_lr, nesterov=True)

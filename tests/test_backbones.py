@@ -40,6 +40,8 @@ def small_vit(image_size=16, patch=4):
 
 def test_vit_shapes():
     assert common.build_backbone("vit_tiny", 32, patch_size=4).dim == 192
+    assert len(common.build_backbone("vit_tiny", 32, patch_size=4).blocks) == 12
+    assert len(common.build_backbone("vit_small", 32, patch_size=4, depth=6).blocks) == 6
     vit = small_vit()
     x = torch.randn(3, 3, 16, 16)
     assert vit(x).shape == (3, 32)

@@ -3,6 +3,7 @@ loss on masked patches against a naive loop, the sine-cosine positions' closed f
 script end to end."""
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -10,7 +11,10 @@ from hypothesis import given, strategies as st
 
 import common
 import mae
-from conftest import TINY, assert_fp32_under_autocast, run_script
+from conftest import ROOT, TINY, assert_fp32_under_autocast, run_script
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import harness  # noqa: E402
 
 # 8 px patches: 4 per 16 px image, one of them visible. The ViT-Tiny's passes over the 2,000
 # test images (kNN, probe, fine-tuning) are most of this test's time, and scale with the tokens.
@@ -134,8 +138,12 @@ def test_mae_loss_is_fp32_under_autocast():
 
 def test_mae_one_epoch_writes_reconstructions_and_finetune_comparison(tmp_path):
     out = tmp_path / "run"
-    r = run_script("mae.py", *TINY, *SMALL, "--epochs", "1", "--out", str(out))
+    r = run_script("mae.py", *TINY, *SMALL, "--depth", "2", "--epochs", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr
+    # --depth reaches the exported encoder, and the experiments' loader rebuilds it from summary.json.
+    blocks = {k.split(".")[1] for k in torch.load(out / "encoder.pt", weights_only=True) if k.startswith("blocks.")}
+    assert blocks == {"0", "1"}
+    assert len(harness.load_encoder(out)[0].blocks) == 2
     for name in ["log.jsonl", "checkpoint.pt", "encoder.pt", "reconstructions.png", "summary.json"]:
         assert (out / name).is_file(), name
     s = json.loads((out / "summary.json").read_text())
