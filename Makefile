@@ -10,6 +10,7 @@
 # Each writes results/<name>.png and .json; runs are shared between them (runs/experiments).
 # make exp-temperature  SimCLR kNN against tau in {0.05, 0.1, 0.2, 0.5, 1}
 # make exp-mask-ratio   MAE linear probe and fine-tune against mask ratio in {0.25, 0.5, 0.75, 0.9}
+#                       (on shapes give EPOCHS=20: MAE needs them)
 # make exp-collapse     SimSiam without stop-grad and BYOL without predictor against the full methods
 # make exp-labels       SSL (probe, fine-tune) vs supervised vs from scratch with 1%, 10%, 100% labels
 # make exp-augment      SimCLR with one part of the augmentation pipeline off at a time
@@ -29,6 +30,9 @@ DATA ?= shapes
 # Small images and a narrow network for the CPU on `shapes`; the defaults (32 px, full width) otherwise.
 ifeq ($(DATA),shapes)
 EXP_ARGS ?= --image-size 16 --width 16 --batch-size 256 --warmup-epochs 1 --min-scale 0.6
+# exp-mask-ratio's MAE on shapes: the demo's 4-block ViT, 2-block decoder and higher rate (see
+# DEMO_mae below): with them it learns in 20 epochs (EPOCHS=20); ViT-Tiny's defaults need 40.
+MAE_EXP_ARGS ?= --depth 4 --decoder-depth 2 --lr 1e-3
 endif
 
 EXPERIMENTS := exp-temperature exp-mask-ratio exp-collapse exp-labels exp-augment compare
@@ -87,7 +91,8 @@ bench: $(if $(filter $(PY),$(BENCH_PY)),$(VENV)/.installed)
 # exp-mask-ratio -> experiments/mask_ratio.py, compare -> experiments/compare.py
 $(EXPERIMENTS): $(VENV)/.installed
 	$(PY) experiments/$(subst -,_,$(patsubst exp-%,%,$@)).py --epochs $(EPOCHS) --data $(DATA) \
-		$(if $(and $(FT_EPOCHS),$(filter exp-labels exp-mask-ratio,$@)),--ft-epochs $(FT_EPOCHS)) -- $(EXP_ARGS)
+		$(if $(and $(FT_EPOCHS),$(filter exp-labels exp-mask-ratio,$@)),--ft-epochs $(FT_EPOCHS)) -- $(EXP_ARGS) \
+		$(if $(filter exp-mask-ratio,$@),$(MAE_EXP_ARGS))
 
 experiments: $(EXPERIMENTS)
 

@@ -8,7 +8,7 @@ else equal; each encoder is then probed and fine-tuned with the same recipe
 (experiments/harness.evaluate), and the same ViT fine-tuned from random init is the
 reference. Writes results/mask_ratio.png, results/mask_ratio.json and results/mask_ratio.md.
 
-    python experiments/mask_ratio.py --epochs 10 --data shapes -- --image-size 16
+    python experiments/mask_ratio.py --epochs 20 --data shapes -- --image-size 16 --depth 4 --decoder-depth 2 --lr 1e-3
     python experiments/mask_ratio.py --epochs 100 --data cifar10-jpg.tar.gz      # on a GPU
 """
 from pathlib import Path
