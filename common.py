@@ -1351,7 +1351,7 @@ def make_parser(description, arch):
                        help="ResNet base channels (64 is standard; 16 trains ~12x faster on a CPU)")
     group.add_argument("--patch-size", type=positive_int, default=4, help="ViT patch side in pixels (4 at 32 px)")
     group.add_argument("--depth", type=positive_int, default=12,
-                       help="ViT blocks (12 is ViT-Tiny's and ViT-Small's; 6 trains ~2x faster on a CPU)")
+                       help="ViT blocks (12 is ViT-Tiny's and ViT-Small's; MAE's CPU demo trains 4, ~2x faster)")
     group = p.add_argument_group("run")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                        help="auto picks cuda, then mps, then cpu")
