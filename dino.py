@@ -42,13 +42,9 @@ import common
 
 # ============================================================================================
 # Configuration
-# Defaults follow the paper's ViT recipe (the official code's main_dino.py with its README's
-# ViT-S command: AdamW 5e-4 per 256 images, default betas, weight decay 0.04 -> 0.4, 10 warmup
-# epochs, teacher momentum 0.996 -> 1, temperatures 0.1 / 0.04 -> 0.07 over 30 epochs, centre
-# momentum 0.9, per-tensor gradient clipping at 3, drop path 0.1, 300 epochs) with
-# CIFAR-sized crops and head (4096 prototypes, 6 local crops of half the image side). One
-# departure: the command frees the head's last-layer norm, "only safe with deit_small" says
-# that README; we keep main_dino.py's default, the norm fixed (--no-norm-last-layer frees it).
+# Defaults follow the paper's ViT recipe (the official main_dino.py with its README's ViT-S
+# command, 300 epochs; every value below) with CIFAR-sized crops and head (4096 prototypes, 6 local
+# crops of half the image side) and main_dino.py's fixed last-layer norm (README says why).
 # ============================================================================================
 
 RECIPE_EPOCHS = 300             # the length of the cited recipe; shorter runs scale its schedules
@@ -66,11 +62,9 @@ def make_parser():
     group.add_argument("--weight-decay-end", type=common.nonneg_float, default=0.4, help="... rising to it on a cosine")
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
                        help="linear LR warmup in epochs (default: 10 of 300, scaled to a shorter run, >= 1)")
-    group.add_argument("--momentum", type=common.ema_momentum, default=0.996,
-                       help="the teacher's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine")
+    group.add_argument("--momentum", type=common.ema_momentum, default=0.996, help="teacher's EMA momentum at step 0 (to 1)")
     group.add_argument("--student-temp", type=common.positive_float, default=0.1, help="T_s")
-    group.add_argument("--teacher-temp", type=common.positive_float, default=0.07,
-                       help="T_t after warmup; lower is sharper")
+    group.add_argument("--teacher-temp", type=common.positive_float, default=0.07, help="T_t after the warmup")
     group.add_argument("--warmup-teacher-temp", type=common.positive_float, default=0.04,
                        help="T_t at step 0: a very sharp teacher early on keeps the start from collapsing")
     group.add_argument("--warmup-teacher-temp-epochs", type=common.nonneg_float, default=None,
@@ -88,8 +82,7 @@ def make_parser():
     group.add_argument("--head-bottleneck", type=common.positive_int, default=256, help="L2-normalised bottleneck")
     group.add_argument("--out-dim", type=common.positive_int, default=4096, help="K prototypes (the paper: 65536)")
     group.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
-                       help="keep every prototype's length at 1, the logits cosines (the official default; its "
-                            "full ViT-S command turns it off: better, but less stable)")
+                       help="every prototype's length fixed at 1, the logits cosines (main_dino.py's default)")
     return p
 
 
@@ -115,23 +108,18 @@ def dino_augments(mean_std, size, local_size, local_crops):
 # ============================================================================================
 
 class DINOHead(nn.Module):
-    """MLP -> L2-normalised bottleneck -> weight-normalised linear layer to K logits: logit k is
-    g_k cos(bottleneck, prototype k). With norm_last_layer every g_k stays at 1 and every logit
-    is a cosine in [-1, 1]; without it the g_k are trained, so the logits may grow."""
+    """MLP -> L2-normalised bottleneck -> weight-normalised linear layer: logit k is g_k times the
+    cosine of the bottleneck and prototype k, g_k fixed at 1 with norm_last_layer, else trained."""
 
     def __init__(self, in_dim, hidden, bottleneck, out_dim, norm_last_layer=True):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, bottleneck))
-        # The prototypes start as the official code's last layer does, at PyTorch's default for a
-        # Linear, uniform in +-1/sqrt(bottleneck) (it is built after the 0.02 init of the MLP). Their
-        # scale matters though the logits are cosines: AdamW moves every entry by about the LR per
-        # step, so smaller entries would turn the prototypes faster.
+        # The prototypes start at PyTorch's Linear default, as the official last layer does: AdamW
+        # moves every entry by about the LR per step, so smaller entries would turn them faster.
         bound = bottleneck ** -0.5
         self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck).uniform_(-bound, bound))   # (K, bottleneck)
-        # g (K, 1), each prototype's length, 1 at the start (weight_norm's weight_g; a matrix, so it
-        # gets weight decay there as here).
-        self.gain = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
+        self.gain = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)   # g (K, 1), weight_g
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -154,9 +142,8 @@ class DINO(nn.Module):
         self.register_buffer("center", torch.zeros(out_dim))
 
     def forward(self, global_crops, local_crops=None):
-        """global_crops (2B, 3, H, W), local_crops (MB, 3, h, w) or None, each crop-major
-        (all images' first crop, then all images' second crop, ...). Returns the student's
-        logits (S*B, K) for every crop and the teacher's (2B, K) for the global crops."""
+        """global_crops (2B, 3, H, W), local_crops (MB, 3, h, w) or None, crop-major (every image's
+        first crop, then every second, ...) -> student logits (S*B, K), teacher's (2B, K)."""
         s = [self.student(global_crops)]                       # (2B, K)
         if local_crops is not None:
             s.append(self.student(local_crops))                # (MB, K): a second pass, a smaller size
@@ -201,8 +188,7 @@ def teacher_temperature(step, warmup_steps, start, end):
 
 @torch.no_grad()
 def clip_gradients(params, max_norm):
-    """The paper's clipping: each tensor's gradient rescaled, on its own, to a norm of at
-    most max_norm (not one norm over all of them). All tensors at once, on the device."""
+    """The paper's clipping: each tensor's gradient on its own (not one norm over all) to a norm <= max_norm."""
     grads = [p.grad for p in params if p.grad is not None]
     torch._foreach_mul_(grads, [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in torch._foreach_norm(grads)])
 
@@ -251,9 +237,8 @@ def last_attention(vit, x):
 
 @torch.no_grad()
 def save_attention(vit, images, mean_std, path):
-    """attention.png: each row one image, then for each head of the last block the [CLS]
-    token's attention over the patches, upsampled to the image and laid over it (bright =
-    attended). Without any label, heads come to attend to the object."""
+    """attention.png: per image, per head of the last block, the [CLS] token's attention over the
+    patches laid over the image (bright = attended). Without labels, heads come to find the object."""
     was_training = vit.training
     vit.eval()
     x = common.normalize_images(images.float() / 255, *mean_std)
@@ -261,8 +246,7 @@ def save_attention(vit, images, mean_std, path):
     n, heads, L = attn.shape
     g, S = math.isqrt(L), images.shape[-1]
     maps = (attn / attn.amax(-1, keepdim=True)).reshape(n * heads, 1, g, g)   # each map on [0, 1]
-    maps = F.interpolate(maps, size=(S, S), mode="bilinear", align_corners=False).clamp(0, 1)
-    maps = maps.reshape(n, heads, 1, S, S)
+    maps = F.interpolate(maps, size=(S, S), mode="bilinear", align_corners=False).clamp(0, 1).view(n, heads, 1, S, S)
     heat = torch.cat([maps.mul(2).clamp(max=1), maps.mul(2).sub(1).clamp(min=0), torch.zeros_like(maps)], 2)
     img = images.float().div(255).unsqueeze(1)                 # (n, 1, 3, S, S)
     grid = torch.cat([img, 0.35 * img + 0.65 * heat], 1)       # (n, 1 + heads, 3, S, S): overlays black-red-yellow

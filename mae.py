@@ -24,8 +24,7 @@ Notation: B batch, L patches per image, p patch side, D widths.
 
 Run:
     python mae.py --epochs 100                          # CIFAR-10, one GPU (then 100 + 100 fine-tuning)
-    python mae.py --data shapes --image-size 16 --patch-size 4 --depth 4 --decoder-depth 2 --lr 1e-3 \
-        --epochs 20 --finetune-epochs 0                 # CPU, 3 min: a 4-block ViT at a higher rate
+    python mae.py --data shapes --image-size 16 --depth 4 --decoder-depth 2 --lr 1e-3 --epochs 20 --finetune-epochs 0   # CPU
 
 Result: CIFAR-10 on a GPU not yet measured (no GPU was available to the session that wrote it).
 """
