@@ -51,7 +51,7 @@ endif
 setup: $(VENV)/.installed
 
 # One recipe per method for `make demo METHOD=...`: 16 px shapes and a narrow ResNet-18 (MAE: a
-# ViT-Tiny with 4 px patches; DINO's ViT with 2 px patches trains at 22 images/s here), with
+# 4-block ViT with 4 px patches; DINO's ViT with 2 px patches trains at 22 images/s here), with
 # the epochs that fit four minutes on 2 CPU cores (MAE: below). Crops of 60-100% of the image:
 # smaller ones cut the outline, which is all that tells the shapes apart at 16 px (SimCLR on
 # shapes without grain, 15 epochs: 44.4% kNN with 60-100%, 35.3% with 30-100%). MoCo's queue holds 1,024
@@ -67,7 +67,9 @@ setup: $(VENV)/.installed
 # its decoder 2 instead of 4, and its learning rate is 1e-3 per 256 images instead of the paper's
 # 1.5e-4 (2.4e-3 for the paper's batches of 4,096, 1.5e-4 for our 256): its loss sits near 0.64
 # until its features form, and both the shallower encoder and the higher rate shorten that wait
-# (ViT-Tiny at 1.5e-4 needed 40 epochs, 11.5 minutes, for +6.8 kNN points; README).
+# (ViT-Tiny at 1.5e-4 needed 40 epochs, 11.5 minutes, for +6.8 kNN points; README). DINO's demo
+# does not learn: its output turns uniform, and no recipe tried so far gains 5 points in four
+# minutes (README, "Why DINO does not start").
 DEMO := --data shapes --image-size 16 --eval-every 5
 DEMO_RESNET := $(DEMO) --width 16 --min-scale 0.6
 DEMO_simclr := simclr.py $(DEMO_RESNET) --batch-size 256 --epochs 20 --warmup-epochs 2
