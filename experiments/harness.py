@@ -141,14 +141,18 @@ def read_summary(run_dir):
 
 # --- evaluation with a budget of labels -----------------------------------------------------
 
+def build_encoder(summary):
+    """A randomly initialised encoder of the architecture a run's summary.json describes."""
+    a = summary["args"]
+    return common.build_backbone(a["arch"], summary["image_size"], a["width"], a["patch_size"], a.get("depth", 12))
+
+
 def load_encoder(run_dir, device="cpu"):
     """The encoder a finished run exported (encoder.pt), rebuilt from its summary.json."""
     run_dir = Path(run_dir)
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
-        a = summary["args"]
-        backbone = common.build_backbone(a["arch"], summary["image_size"], a["width"], a["patch_size"],
-                                         a.get("depth", 12))
+        backbone = build_encoder(summary)
         backbone.load_state_dict(torch.load(run_dir / "encoder.pt", map_location="cpu", weights_only=True))
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         raise common.UserError(f"{run_dir}: not a finished run folder with summary.json and encoder.pt "
@@ -186,8 +190,7 @@ def evaluate(run_dir, fraction, ft_epochs, device="auto", scratch=False):
     a = summary["args"]
     if scratch:
         torch.manual_seed(a["seed"])
-        backbone = common.build_backbone(a["arch"], summary["image_size"], a["width"], a["patch_size"],
-                                         a.get("depth", 12)).to(dev)
+        backbone = build_encoder(summary).to(dev)
     data, mean_std = _data(a["data"], a["data_dir"], a["image_size"], a["subset"], a["seed"], str(dev))
     if not data.labeled:
         raise common.UserError(f"--data {a['data']} has no labels on a train and a test split; the "

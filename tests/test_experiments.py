@@ -203,6 +203,26 @@ def test_evaluate_with_half_the_labels_is_cached(temperature_sweep, monkeypatch)
     assert harness.evaluate(run, 0.5, 1, "cpu", scratch=True) == scratch
 
 
+def test_evaluate_rebuilds_the_runs_encoder_whatever_its_depth(tmp_path, monkeypatch):
+    """A run of a 2-block ViT: the pretrained evaluation probes its saved weights, the scratch
+    one a fresh encoder of the same shapes (not ViT-Tiny's default 12 blocks)."""
+    args = {"arch": "vit_tiny", "width": 64, "patch_size": 4, "depth": 2, "seed": 0, "data": "shapes",
+            "data_dir": str(tmp_path), "image_size": 16, "subset": 64}
+    saved = common.build_backbone("vit_tiny", 16, patch_size=4, depth=2)
+    torch.save(saved.state_dict(), tmp_path / "encoder.pt")
+    (tmp_path / "summary.json").write_text(json.dumps({"args": args, "image_size": 16}))
+    probed = []
+    monkeypatch.setattr(common, "linear_probe", lambda backbone, *a, **k: probed.append(backbone) or 0.5)
+    harness.evaluate(tmp_path, 0.5, 0, "cpu")
+    harness.evaluate(tmp_path, 0.5, 0, "cpu", scratch=True)
+    pretrained, scratch = (m.state_dict() for m in probed)
+    want = saved.state_dict()
+    assert len(probed[1].blocks) == 2
+    assert {k: v.shape for k, v in scratch.items()} == {k: v.shape for k, v in want.items()}
+    assert all(torch.equal(pretrained[k], v) for k, v in want.items())
+    assert not torch.equal(scratch["blocks.0.attn.qkv.weight"], want["blocks.0.attn.qkv.weight"])
+
+
 def test_an_interrupted_run_is_continued(tmp_path):
     """A run folder with a checkpoint but no summary is continued from it, not restarted."""
     args = harness.parse(harness.make_parser("x"), ["--epochs", "2", "--device", "cpu", "--runs", str(tmp_path / "r"),
