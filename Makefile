@@ -69,7 +69,7 @@ setup: $(VENV)/.installed
 # until its features form, and both the shallower encoder and the higher rate shorten that wait
 # (ViT-Tiny at 1.5e-4 needed 40 epochs, 11.5 minutes, for +6.8 kNN points; README). DINO's demo
 # does not learn: its output turns uniform, and no recipe tried so far gains 5 points in four
-# minutes (README, "Why DINO does not start").
+# minutes (README, "Every method on a laptop"; docs/notes.md).
 DEMO := --data shapes --image-size 16 --eval-every 5
 DEMO_RESNET := $(DEMO) --width 16 --min-scale 0.6
 DEMO_simclr := simclr.py $(DEMO_RESNET) --batch-size 256 --epochs 20 --warmup-epochs 2
