@@ -208,6 +208,7 @@ def test_evaluate_rebuilds_the_runs_encoder_whatever_its_depth(tmp_path, monkeyp
     one a fresh encoder of the same shapes (not ViT-Tiny's default 12 blocks)."""
     args = {"arch": "vit_tiny", "width": 64, "patch_size": 4, "depth": 2, "seed": 0, "data": "shapes",
             "data_dir": str(tmp_path), "image_size": 16, "subset": 64}
+    torch.manual_seed(1)                                       # not the run's seed, 0: other weights
     saved = common.build_backbone("vit_tiny", 16, patch_size=4, depth=2)
     torch.save(saved.state_dict(), tmp_path / "encoder.pt")
     (tmp_path / "summary.json").write_text(json.dumps({"args": args, "image_size": 16}))
