@@ -17,6 +17,7 @@ runs close to the speed of the model itself.
 
 import argparse
 import atexit
+import copy
 import functools
 import hashlib
 import io
@@ -1059,6 +1060,40 @@ def knn_top1(backbone, data, mean_std, k=200, t=0.1):
     return (pred == data.test_y).float().mean().item()
 
 
+@torch.no_grad()
+def refresh_batchnorm(backbone, x, mean_std, batches=20, batch_size=256):
+    """A copy of `backbone` whose BatchNorm running statistics are recomputed on `batches`
+    batches of the un-augmented images x (a seeded random choice; each statistic the average
+    of its batch values), no weight changed; None for a network without BatchNorm (a ViT).
+    `backbone` and the global random stream are left as they were."""
+    net = copy.deepcopy(backbone)
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return None
+    for m in norms:
+        m.reset_running_stats()
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:batches * batch_size]
+    net.train()
+    for i, idx in enumerate(pick.to(x.device).split(batch_size)):
+        for m in norms:
+            m.momentum = 1 / (i + 1)                           # the running average of batches 1..i+1
+        net(normalize_images(x[idx].float() / 255, *mean_std))
+    return net.eval()
+
+
+def random_init_bars(backbone, data, mean_std):
+    """The bars a training run has to clear: the kNN top-1 of the untrained `backbone`, and the
+    same with refresh_batchnorm's statistics (None without BatchNorm; both None without labels).
+    An untrained ResNet's kNN depends on its BatchNorm running statistics, which start at mean
+    0 and variance 1 and which any training refreshes, whether or not it learns; the second
+    bar is the untrained network without that head start or handicap."""
+    if not data.labeled:
+        return dict(knn_top1_init=None, knn_top1_init_bn=None)
+    net = refresh_batchnorm(backbone, data.train_x, mean_std)
+    return dict(knn_top1_init=knn_top1(backbone, data, mean_std),
+                knn_top1_init_bn=None if net is None else knn_top1(net, data, mean_std))
+
+
 def linear_probe(backbone, data, mean_std, epochs=100, lr=1e-3, batch_size=256):
     """Top-1 of a linear classifier on frozen, standardised features (no augmentation):
     how linearly separable the classes are in the representation."""
@@ -1285,13 +1320,15 @@ def line_plot(panels, path, panel_size=(420, 300)):
     img.save(path)
 
 
-def plot_curves(history, knn_init, path, title=""):
-    """curves.png: loss, kNN top-1 and the collapse monitor, per epoch."""
+def plot_curves(history, bars, path, title=""):
+    """curves.png: loss, kNN top-1 and the collapse monitor, per epoch, with the random-init
+    bars (see random_init_bars) as flat lines."""
     ep = [h["epoch"] for h in history]
     knn = [(h["epoch"], 100 * h["knn_top1"]) for h in history if "knn_top1" in h]
     knn_series = {"kNN top-1": ([e for e, _ in knn], [a for _, a in knn])}
-    if knn_init is not None and knn:
-        knn_series["random init"] = ([0, ep[-1]], [100 * knn_init] * 2)
+    for label, key in [("random init", "knn_top1_init"), ("random init, BN refreshed", "knn_top1_init_bn")]:
+        if bars.get(key) is not None and knn:
+            knn_series[label] = ([0, ep[-1]], [100 * bars[key]] * 2)
     line_plot([
         dict(title=f"{title}: training loss", xlabel="epoch", ylabel="loss",
              series={"loss": (ep, [h["loss"] for h in history])}),
@@ -1502,159 +1539,9 @@ def _is_running(pid):
     return True
 
 
-ACTIVE = {}                     # the run in progress, for run_main's message on Ctrl-C
-
-
-class Run:
-    """One training run. The method file parses its flags with parse_args, then:
-
-        run = common.Run(args, "simclr")             # the data on the device; nothing written yet
-        ... build the model and the optimizer ...
-        run.start(model, optimizer, backbone)        # the folder; resume, or the random-init kNN
-        for epoch in range(run.start_epoch, args.epochs):
-            for step, idx in run.batches(epoch):      # idx: (B,) indices into run.data.train_x
-                ... augment, forward, loss, backward, optimizer step ...
-                run.log_step(loss, embeddings)        # accumulated on the device: no host sync
-            run.end_epoch(epoch)                      # checks, kNN, checkpoint, log line
-        run.finish()                                  # encoder.pt, curves.png, summary.json
-
-    It reads the flags of make_parser and the method's --epochs and --batch-size, and
-    changes none of them. Method state (MoCo's queue, DINO's centre) lives in the model's
-    buffers, so the checkpoint's state_dict carries it."""
-
-    def __init__(self, args, method):
-        self.args, self.method = args, method
-        self.device = pick_device(args.device)
-        self.folder = RunFolder(Path(args.out))
-        self.out = self.folder.path
-        if not args.resume and (self.out / "checkpoint.pt").exists():
-            raise UserError(f"--out {self.out} already holds a run (checkpoint.pt). Continue it with "
-                            f"--resume {self.out / 'checkpoint.pt'}, or choose another --out.")
-        torch.manual_seed(args.seed)
-        t0 = time.time()
-        data = load_data(args.data, args.data_dir, args.image_size, args.subset, args.seed)
-        self.mean_std = data.mean_std()                        # (mean, std) per channel, to normalise
-        self.data = data.to(self.device)
-        self.steps_per_epoch = len(data.train_x) // args.batch_size
-        if self.steps_per_epoch == 0:
-            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.train_x)} training "
-                            f"images; lower it.")
-        self.total_steps = self.steps_per_epoch * args.epochs
-        if args.linear_probe and not data.labeled:
-            print("note: --linear-probe needs labels on a train and a test split; there is none.", file=sys.stderr)
-        print(f"{method}: {len(data.train_x)} training images from {data.name} "
-              f"({'labeled' if data.labeled else 'unlabeled, no kNN'}), loaded in {time.time() - t0:.1f}s, "
-              f"device {self.device}, output {self.out}", file=sys.stderr)
-        cuda = self.device.type == "cuda"
-        torch.backends.cudnn.benchmark = cuda
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda
-        # One autocast context, chosen once: bf16 on CUDA (the matrix units' fast type, fp32's range).
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and not args.fp32 else nullcontext()
-        self.history, self.knn_init, self.train_seconds, self.start_epoch, self.checkpoints = [], None, 0.0, 0, 0
-
-    def start(self, model, optimizer, backbone):
-        """Claim the folder (nothing is written before, so bad input leaves none), then restore
-        the checkpoint or measure the random-init kNN; the log is rewritten from the history."""
-        self.model, self.optimizer, self.backbone = model, optimizer, backbone
-        self.folder.claim()
-        atexit.register(self.release)
-        ACTIVE["run"] = self
-        if self.args.resume:
-            c = restore(Path(self.args.resume), self.method, model, optimizer)
-            self.start_epoch, self.history, self.knn_init = c["epoch"], c["history"], c["knn_init"]
-            self.train_seconds, self.weight_norm_init = c["train_seconds"], c["weight_norm_init"]
-            print(f"resumed from {self.args.resume} at epoch {self.start_epoch}", file=sys.stderr)
-        else:
-            self.weight_norm_init = weight_norm(model)
-            if self.data.labeled:
-                self.knn_init = knn_top1(backbone, self.data, self.mean_std)
-                print(f"kNN top-1 of the random-init encoder: {100 * self.knn_init:.2f}%", file=sys.stderr)
-        (self.out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
-
-    def release(self):
-        """Drop the lock; a run stopped before its first checkpoint leaves no litter."""
-        keep = self.args.resume or self.checkpoints
-        self.folder.release(() if keep else ("views.png", "log.jsonl"))
-
-    def batches(self, epoch, order=None):
-        """Yield (global step, indices (B,)) for one epoch, drop_last. `order`: the images to
-        visit, at least steps_per_epoch * B indices (default: a fresh permutation of all)."""
-        self.model.train()
-        self._epoch, self._t0, self._t_print, self._n = epoch, time.time(), time.time(), 0
-        self._sums = torch.zeros(2, device=self.device)       # loss, collapse monitor
-        B = self.args.batch_size
-        order = torch.randperm(len(self.data.train_x), device=self.device) if order is None else order
-        for i in range(self.steps_per_epoch):
-            yield epoch * self.steps_per_epoch + i, order[i * B:(i + 1) * B]
-
-    def log_step(self, loss, embeddings):
-        """Accumulate the loss and the collapse monitor of `embeddings` (N, D) on the device;
-        read them back (one sync) only when printing progress."""
-        self._sums += torch.stack([loss.detach().float(), embedding_std(embeddings)])
-        self._dim, self._n = embeddings.shape[1], self._n + 1
-        if time.time() - self._t_print >= (1.0 if sys.stderr.isatty() else 30.0):
-            self._t_print, done, elapsed = time.time(), self._n / self.steps_per_epoch, time.time() - self._t0
-            left = (self.args.epochs - self._epoch - done) * elapsed / done
-            line = (f"epoch {self._epoch + 1}/{self.args.epochs} {100 * done:3.0f}% loss {self._sums[0].item() / self._n:.4f}"
-                    f" {self._n * self.args.batch_size / elapsed:7.0f} img/s ETA {_hms(left)}")
-            print(line.ljust(72), end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
-
-    def end_epoch(self, epoch):
-        """Stop on a diverged model (the last good checkpoint is kept), evaluate when due, then
-        write the checkpoint and, after it, the log line."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.time() - self._t0
-        loss, std = (self._sums / self._n).tolist()
-        growth = (weight_norm(self.model) / self.weight_norm_init).item()
-        check_training(loss, growth, epoch, self.out / "checkpoint.pt")
-        self.train_seconds += seconds
-        rec = {"epoch": epoch + 1, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-               "emb_std": std, "emb_std_ref": 1 / math.sqrt(self._dim), "weight_norm_growth": growth,
-               "seconds": seconds, "images_per_s": self.steps_per_epoch * self.args.batch_size / seconds}
-        every = self.args.eval_every
-        if self.data.labeled and (epoch + 1 == self.args.epochs or (every and (epoch + 1) % every == 0)):
-            rec["knn_top1"] = knn_top1(self.backbone, self.data, self.mean_std)
-        self.history.append(rec)
-        save_atomic({"method": self.method, "args": vars(self.args), "epoch": epoch + 1,
-                     "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
-                     "history": self.history, "knn_init": self.knn_init, "train_seconds": self.train_seconds,
-                     "weight_norm_init": self.weight_norm_init}, self.out / "checkpoint.pt")
-        self.checkpoints += 1
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        knn = f" kNN {100 * rec['knn_top1']:.2f}%" if "knn_top1" in rec else ""
-        print(f"epoch {epoch + 1}/{self.args.epochs} loss {loss:.4f} std*sqrt(d) {std * math.sqrt(self._dim):.2f}"
-              f"{knn} {seconds:.1f}s {rec['images_per_s']:.0f} img/s".ljust(72), file=sys.stderr)
-        warn_collapse(std, self._dim)
-
-    def save_views(self, augments):
-        """views.png, drawn on a forked RNG: the picture must not change the run's random stream."""
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.device.type == "cuda" else []):
-            save_views(augments, self.data.test_x if self.data.test_x is not None else self.data.train_x,
-                       self.out / "views.png")
-
-    def finish(self):
-        """Export the encoder, fit the linear probe if asked, write summary.json and curves.png."""
-        save_atomic(self.backbone.state_dict(), self.out / "encoder.pt")
-        epoch_s = float(np.median([h["seconds"] for h in self.history[1:] or self.history]))   # steady state
-        summary = {
-            "method": self.method, "data": self.data.name, "arch": self.args.arch, "epochs": self.args.epochs,
-            "batch_size": self.args.batch_size, "knn_top1": self.history[-1].get("knn_top1"),
-            "knn_top1_init": self.knn_init, "train_seconds": self.train_seconds, "epoch_seconds": epoch_s,
-            "images_per_s": self.steps_per_epoch * self.args.batch_size / epoch_s,
-            "device": device_name(self.device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            **peak_memory(self.device), "image_size": self.data.image_size, "args": vars(self.args)}
-        if self.args.linear_probe and self.data.labeled:
-            summary["linear_top1"] = linear_probe(self.backbone, self.data, self.mean_std)
-        write_json(summary, self.out / "summary.json")
-        plot_curves(self.history, self.knn_init, self.out / "curves.png", title=f"{self.method} on {self.data.name}")
-        knn = f"; kNN top-1 {100 * summary['knn_top1']:.2f}% (random init {100 * self.knn_init:.2f}%)" \
-            if summary["knn_top1"] is not None else ""
-        probe = f"; linear probe {100 * summary['linear_top1']:.2f}%" if "linear_top1" in summary else ""
-        print(f"done: {self.args.epochs} epochs in {_hms(self.train_seconds)}{knn}{probe}. Outputs in {self.out}",
-              file=sys.stderr)
-        return summary
+def _bars(knn_top1_init, knn_top1_init_bn):
+    bn = "" if knn_top1_init_bn is None else f", {100 * knn_top1_init_bn:.2f}% with BatchNorm statistics of the data"
+    return f"{100 * knn_top1_init:.2f}%{bn}"
 
 
 def weight_norm(model):
@@ -1730,6 +1617,161 @@ def peak_memory(device):
 def _hms(s):
     s = int(max(0, s))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+ACTIVE = {}                     # the run in progress, for run_main's message on Ctrl-C
+
+
+class Run:
+    """One training run. The method file parses its flags with parse_args, then:
+
+        run = common.Run(args, "simclr")             # the data on the device; nothing written yet
+        ... build the model and the optimizer ...
+        run.start(model, optimizer, backbone)        # the folder; resume, or the random-init kNN
+        for epoch in range(run.start_epoch, args.epochs):
+            for step, idx in run.batches(epoch):      # idx: (B,) indices into run.data.train_x
+                ... augment, forward, loss, backward, optimizer step ...
+                run.log_step(loss, embeddings)        # accumulated on the device: no host sync
+            run.end_epoch(epoch)                      # checks, kNN, checkpoint, log line
+        run.finish()                                  # encoder.pt, curves.png, summary.json
+
+    It reads the flags of make_parser and the method's --epochs and --batch-size, and
+    changes none of them. Method state (MoCo's queue, DINO's centre) lives in the model's
+    buffers, so the checkpoint's state_dict carries it."""
+
+    def __init__(self, args, method):
+        self.args, self.method = args, method
+        self.device = pick_device(args.device)
+        self.folder = RunFolder(Path(args.out))
+        self.out = self.folder.path
+        if not args.resume and (self.out / "checkpoint.pt").exists():
+            raise UserError(f"--out {self.out} already holds a run (checkpoint.pt). Continue it with "
+                            f"--resume {self.out / 'checkpoint.pt'}, or choose another --out.")
+        torch.manual_seed(args.seed)
+        t0 = time.time()
+        data = load_data(args.data, args.data_dir, args.image_size, args.subset, args.seed)
+        self.mean_std = data.mean_std()                        # (mean, std) per channel, to normalise
+        self.data = data.to(self.device)
+        self.steps_per_epoch = len(data.train_x) // args.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.train_x)} training "
+                            f"images; lower it.")
+        self.total_steps = self.steps_per_epoch * args.epochs
+        if args.linear_probe and not data.labeled:
+            print("note: --linear-probe needs labels on a train and a test split; there is none.", file=sys.stderr)
+        print(f"{method}: {len(data.train_x)} training images from {data.name} "
+              f"({'labeled' if data.labeled else 'unlabeled, no kNN'}), loaded in {time.time() - t0:.1f}s, "
+              f"device {self.device}, output {self.out}", file=sys.stderr)
+        cuda = self.device.type == "cuda"
+        torch.backends.cudnn.benchmark = cuda
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda
+        # One autocast context, chosen once: bf16 on CUDA (the matrix units' fast type, fp32's range).
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and not args.fp32 else nullcontext()
+        self.history, self.train_seconds, self.start_epoch, self.checkpoints = [], 0.0, 0, 0
+
+    def start(self, model, optimizer, backbone):
+        """Claim the folder (nothing is written before, so bad input leaves none), then restore
+        the checkpoint or measure the random-init kNN; the log is rewritten from the history."""
+        self.model, self.optimizer, self.backbone = model, optimizer, backbone
+        self.folder.claim()
+        atexit.register(self.release)
+        ACTIVE["run"] = self
+        if self.args.resume:
+            c = restore(Path(self.args.resume), self.method, model, optimizer)
+            self.start_epoch, self.history, self.bars = c["epoch"], c["history"], c["bars"]
+            self.train_seconds, self.weight_norm_init = c["train_seconds"], c["weight_norm_init"]
+            print(f"resumed from {self.args.resume} at epoch {self.start_epoch}", file=sys.stderr)
+        else:
+            self.weight_norm_init = weight_norm(model)
+            self.bars = random_init_bars(backbone, self.data, self.mean_std)
+            if self.data.labeled:
+                print(f"kNN top-1 of the random-init encoder: {_bars(**self.bars)}", file=sys.stderr)
+        (self.out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
+
+    def release(self):
+        """Drop the lock; a run stopped before its first checkpoint leaves no litter."""
+        keep = self.args.resume or self.checkpoints
+        self.folder.release(() if keep else ("views.png", "log.jsonl"))
+
+    def batches(self, epoch, order=None):
+        """Yield (global step, indices (B,)) for one epoch, drop_last. `order`: the images to
+        visit, at least steps_per_epoch * B indices (default: a fresh permutation of all)."""
+        self.model.train()
+        self._epoch, self._t0, self._t_print, self._n = epoch, time.time(), time.time(), 0
+        self._sums = torch.zeros(2, device=self.device)       # loss, collapse monitor
+        B = self.args.batch_size
+        order = torch.randperm(len(self.data.train_x), device=self.device) if order is None else order
+        for i in range(self.steps_per_epoch):
+            yield epoch * self.steps_per_epoch + i, order[i * B:(i + 1) * B]
+
+    def log_step(self, loss, embeddings):
+        """Accumulate the loss and the collapse monitor of `embeddings` (N, D) on the device;
+        read them back (one sync) only when printing progress."""
+        self._sums += torch.stack([loss.detach().float(), embedding_std(embeddings)])
+        self._dim, self._n = embeddings.shape[1], self._n + 1
+        if time.time() - self._t_print >= (1.0 if sys.stderr.isatty() else 30.0):
+            self._t_print, done, elapsed = time.time(), self._n / self.steps_per_epoch, time.time() - self._t0
+            left = (self.args.epochs - self._epoch - done) * elapsed / done
+            line = (f"epoch {self._epoch + 1}/{self.args.epochs} {100 * done:3.0f}% loss {self._sums[0].item() / self._n:.4f}"
+                    f" {self._n * self.args.batch_size / elapsed:7.0f} img/s ETA {_hms(left)}")
+            print(line.ljust(72), end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
+
+    def end_epoch(self, epoch):
+        """Stop on a diverged model (the last good checkpoint is kept), evaluate when due, then
+        write the checkpoint and, after it, the log line."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - self._t0
+        loss, std = (self._sums / self._n).tolist()
+        growth = (weight_norm(self.model) / self.weight_norm_init).item()
+        check_training(loss, growth, epoch, self.out / "checkpoint.pt")
+        self.train_seconds += seconds
+        rec = {"epoch": epoch + 1, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+               "emb_std": std, "emb_std_ref": 1 / math.sqrt(self._dim), "weight_norm_growth": growth,
+               "seconds": seconds, "images_per_s": self.steps_per_epoch * self.args.batch_size / seconds}
+        every = self.args.eval_every
+        if self.data.labeled and (epoch + 1 == self.args.epochs or (every and (epoch + 1) % every == 0)):
+            rec["knn_top1"] = knn_top1(self.backbone, self.data, self.mean_std)
+        self.history.append(rec)
+        save_atomic({"method": self.method, "args": vars(self.args), "epoch": epoch + 1,
+                     "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
+                     "history": self.history, "bars": self.bars, "train_seconds": self.train_seconds,
+                     "weight_norm_init": self.weight_norm_init}, self.out / "checkpoint.pt")
+        self.checkpoints += 1
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        knn = f" kNN {100 * rec['knn_top1']:.2f}%" if "knn_top1" in rec else ""
+        print(f"epoch {epoch + 1}/{self.args.epochs} loss {loss:.4f} std*sqrt(d) {std * math.sqrt(self._dim):.2f}"
+              f"{knn} {seconds:.1f}s {rec['images_per_s']:.0f} img/s".ljust(72), file=sys.stderr)
+        warn_collapse(std, self._dim)
+
+    def save_views(self, augments):
+        """views.png, drawn on a forked RNG: the picture must not change the run's random stream."""
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.device.type == "cuda" else []):
+            save_views(augments, self.data.test_x if self.data.test_x is not None else self.data.train_x,
+                       self.out / "views.png")
+
+    def finish(self):
+        """Export the encoder, fit the linear probe if asked, write summary.json and curves.png."""
+        save_atomic(self.backbone.state_dict(), self.out / "encoder.pt")
+        epoch_s = float(np.median([h["seconds"] for h in self.history[1:] or self.history]))   # steady state
+        summary = {
+            "method": self.method, "data": self.data.name, "arch": self.args.arch, "epochs": self.args.epochs,
+            "batch_size": self.args.batch_size, "knn_top1": self.history[-1].get("knn_top1"),
+            **self.bars, "train_seconds": self.train_seconds, "epoch_seconds": epoch_s,
+            "images_per_s": self.steps_per_epoch * self.args.batch_size / epoch_s,
+            "device": device_name(self.device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            **peak_memory(self.device), "image_size": self.data.image_size, "args": vars(self.args)}
+        if self.args.linear_probe and self.data.labeled:
+            summary["linear_top1"] = linear_probe(self.backbone, self.data, self.mean_std)
+        write_json(summary, self.out / "summary.json")
+        plot_curves(self.history, self.bars, self.out / "curves.png", title=f"{self.method} on {self.data.name}")
+        knn = f"; kNN top-1 {100 * summary['knn_top1']:.2f}% (random init {_bars(**self.bars)})" \
+            if summary["knn_top1"] is not None else ""
+        probe = f"; linear probe {100 * summary['linear_top1']:.2f}%" if "linear_top1" in summary else ""
+        print(f"done: {self.args.epochs} epochs in {_hms(self.train_seconds)}{knn}{probe}. Outputs in {self.out}",
+              file=sys.stderr)
+        return summary
 
 
 def run_main(main):

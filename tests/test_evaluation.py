@@ -1,5 +1,6 @@
 """Evaluation (common.py, section 5): kNN against a naive loop, the linear probe and kNN on
-features that answer by construction, the fine-tuning classifier and its learning rates."""
+features that answer by construction, the random-init bars' refreshed BatchNorm statistics
+against their closed form, the fine-tuning classifier and its learning rates."""
 import math
 
 import pytest
@@ -52,6 +53,50 @@ def test_knn_and_linear_probe_on_separable_features():
     flipped = torch.where((torch.arange(200) // 2) % 10 < 7, 1 - y, y)
     wrong_labels = common.Dataset(x, flipped, x[::5], y[::5], ["a", "b"], "toy")
     assert common.knn_top1(Oracle(), wrong_labels, mean_std) == 0.0
+
+
+def test_refresh_batchnorm_recomputes_the_statistics_of_a_copy():
+    """The stem's BatchNorm ends with the mean of its input over the images used (equal batches,
+    so the average of the batch means) and, from one batch, their unbiased variance; the
+    original network and the global random stream are untouched; a ViT has nothing to refresh."""
+    torch.manual_seed(0)
+    net = common.build_backbone("resnet18", 8, width=4)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randint(0, 256, (24, 3, 8, 8), dtype=torch.uint8)
+    mean_std = ([0.4, 0.5, 0.6], [0.2, 0.25, 0.3])
+    rng = torch.get_rng_state()
+    fresh = common.refresh_batchnorm(net, x, mean_std, batches=3, batch_size=8)
+    assert torch.equal(torch.get_rng_state(), rng) and not fresh.training
+    with torch.no_grad():
+        h = net.stem[0](common.normalize_images(x.float() / 255, *mean_std))   # (24, 4, 8, 8): the stem BN's input
+    assert torch.allclose(fresh.stem[1].running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    one = common.refresh_batchnorm(net, x, mean_std, batches=1, batch_size=24)
+    assert torch.allclose(one.stem[1].running_var, h.transpose(0, 1).reshape(4, -1).var(1), rtol=1e-4)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # In training mode BatchNorm normalises with the batch's own statistics, so a second
+    # refresh finds the same ones: the bar does not depend on the statistics it started from.
+    again = common.refresh_batchnorm(fresh, x, mean_std, batches=3, batch_size=8)
+    for (k, v), w in zip(fresh.state_dict().items(), again.state_dict().values()):
+        assert torch.allclose(v.float(), w.float(), atol=1e-5), k
+    assert common.refresh_batchnorm(small_vit(), x, mean_std) is None
+
+
+def test_random_init_bars():
+    torch.manual_seed(0)
+    y = torch.arange(64) % 2
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    data = common.Dataset(x, y, x[:16], y[:16], ["a", "b"], "toy")
+    net, mean_std = common.build_backbone("resnet18", 8, width=4), data.mean_std()
+    rng = torch.get_rng_state()
+    bars = common.random_init_bars(net, data, mean_std)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert bars["knn_top1_init"] == common.knn_top1(net, data, mean_std)
+    fresh = common.refresh_batchnorm(net, x, mean_std)
+    assert bars["knn_top1_init_bn"] == common.knn_top1(fresh, data, mean_std)
+    assert common.random_init_bars(small_vit(8), data, mean_std)["knn_top1_init_bn"] is None
+    unlabeled = common.Dataset(x, None, None, None, [], "toy")
+    assert common.random_init_bars(net, unlabeled, mean_std) == {"knn_top1_init": None, "knn_top1_init_bn": None}
 
 
 def small_vit(image_size=16, patch=4):

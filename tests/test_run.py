@@ -55,6 +55,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
     ca = torch.load(straight / "checkpoint.pt", weights_only=True)
     cb = torch.load(interrupted / "checkpoint.pt", weights_only=True)
     assert [h["loss"] for h in ca["history"]] == [h["loss"] for h in cb["history"]]
+    assert ca["bars"] == cb["bars"] and ca["bars"]["knn_top1_init_bn"] is not None   # carried through the resume
     assert len((interrupted / "log.jsonl").read_text().splitlines()) == 2
 
 

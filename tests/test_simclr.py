@@ -117,7 +117,7 @@ def test_smoke_run_writes_every_output(tmp_path):
     for name in ["log.jsonl", "checkpoint.pt", "encoder.pt", "views.png", "curves.png", "summary.json"]:
         assert (out / name).is_file(), name
     s = json.loads((out / "summary.json").read_text())
-    for key in ["knn_top1", "knn_top1_init", "epochs", "train_seconds", "images_per_s", "device", "linear_top1"]:
+    for key in ["knn_top1", "knn_top1_init", "knn_top1_init_bn", "epochs", "train_seconds", "images_per_s", "device", "linear_top1"]:
         assert key in s, key
     assert 0 <= s["knn_top1"] <= 1 and s["epochs"] == 1 and s["images_per_s"] > 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
