@@ -5,9 +5,10 @@ The reference budget: 20,000 training images (a seeded random subset), a ResNet-
 16, batch 256, 5 epochs, every other flag the method's default (the recipes' schedules then
 compress to 5 epochs: README, "Short runs"). The ViTs (DINO, MAE) are ViT-Tiny/4 on their
 defaults; where a whole run would not fit in about ten minutes, its row says the smaller
-budget it got. For each run: kNN top-1 of the encoder at random init and after, a linear
-probe of the frozen encoder trained on the 20,000 training images, epoch seconds and
-images/s. Writes results/laptop.md, .json and .png.
+budget it got. For each run: kNN top-1 of the encoder at random init (also with its
+BatchNorm statistics refreshed on the data, no weight changed: common.random_init_bars) and
+after, a linear probe of the frozen encoder trained on the 20,000 training images, epoch
+seconds and images/s. Writes results/laptop.md, .json and .png.
 
     python experiments/laptop.py --data path/to/cifar10-jpg.tar.gz       # or cifar-10-python.tar.gz
     make laptop CIFAR=path/to/cifar10-jpg.tar.gz
@@ -30,8 +31,10 @@ ARCH_NAMES = {"resnet18": "ResNet-18", "vit_tiny": "ViT-Tiny"}
 def table(rows):
     num = lambda v, fmt: "–" if v is None else format(v, fmt)
     return harness.markdown_table(
-        ["method", "backbone", "budget", "kNN % at init", "kNN %", "gain", "linear probe %", "epoch s", "images/s"],
+        ["method", "backbone", "budget", "kNN % at init", "at init, BN refreshed", "kNN %", "gain", "linear probe %",
+         "epoch s", "images/s"],
         [(r["method"], ARCH_NAMES.get(r["arch"], r["arch"]), r["budget"], harness.pct(r["knn_init"]),
+          harness.pct(r["knn_init_bn"]),
           harness.pct(r["knn"]), num(None if r["knn"] is None else 100 * (r["knn"] - r["knn_init"]), "+.1f"),
           harness.pct(r["linear"]), num(r["epoch_seconds"], ".0f"), num(r["images_per_s"], ",.0f")) for r in rows])
 
@@ -55,12 +58,14 @@ def main(argv=None):
         run_dir = harness.train(script, BUDGET + flags, args, f"{label} ({script})")
         s = harness.read_summary(run_dir)
         rows.append({"method": label, "arch": s["arch"], "budget": budget(s), "knn_init": s["knn_top1_init"],
+                     "knn_init_bn": s["knn_top1_init_bn"],
                      "knn": s["knn_top1"], "linear": harness.evaluate(run_dir, 1.0, 0, args.device)["linear_top1"],
                      "epoch_seconds": s["epoch_seconds"], "images_per_s": s["images_per_s"]})
         inits.setdefault(s["arch"], run_dir)
     for arch, run_dir in inits.items():                        # the bar a method must clear
         s = harness.read_summary(run_dir)
         rows.append({"method": "Random init", "arch": arch, "budget": "–", "knn_init": s["knn_top1_init"],
+                     "knn_init_bn": s["knn_top1_init_bn"],
                      "knn": None, "linear": harness.evaluate(run_dir, 1.0, 0, args.device, scratch=True)["linear_top1"],
                      "epoch_seconds": None, "images_per_s": None})
     harness.bar_plot([(f"{r['method']} ({ARCH_NAMES.get(r['arch'], r['arch'])})",

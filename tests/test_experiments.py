@@ -264,6 +264,7 @@ def test_laptop_table_end_to_end(tmp_path, monkeypatch):
     run, init = res["rows"]
     assert run["method"] == "SimCLR" and init["method"] == "Random init" and init["arch"] == run["arch"]
     assert init["knn_init"] == run["knn_init"] and init["knn"] is None
+    assert 0 <= run["knn_init_bn"] <= 1 and init["knn_init_bn"] == run["knn_init_bn"]
     assert all(0 <= r["linear"] <= 1 for r in (run, init)) and 0 <= run["knn"] <= 1
     assert run["budget"] == "256 images, 1 epoch"
     assert (tmp_path / "results" / "laptop.md").read_text().count("\n") == 2 + 2
