@@ -1627,7 +1627,7 @@ class Run:
 
         run = common.Run(args, "simclr")             # the data on the device; nothing written yet
         ... build the model and the optimizer ...
-        run.start(model, optimizer, backbone)        # the folder; resume, or the random-init kNN
+        run.start(model, optimizer, backbone)        # the folder; resume, or the random-init bars
         for epoch in range(run.start_epoch, args.epochs):
             for step, idx in run.batches(epoch):      # idx: (B,) indices into run.data.train_x
                 ... augment, forward, loss, backward, optimizer step ...

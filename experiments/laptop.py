@@ -58,14 +58,14 @@ def main(argv=None):
         run_dir = harness.train(script, BUDGET + flags, args, f"{label} ({script})")
         s = harness.read_summary(run_dir)
         rows.append({"method": label, "arch": s["arch"], "budget": budget(s), "knn_init": s["knn_top1_init"],
-                     "knn_init_bn": s["knn_top1_init_bn"],
+                     "knn_init_bn": s.get("knn_top1_init_bn"),   # None in a summary from before it
                      "knn": s["knn_top1"], "linear": harness.evaluate(run_dir, 1.0, 0, args.device)["linear_top1"],
                      "epoch_seconds": s["epoch_seconds"], "images_per_s": s["images_per_s"]})
         inits.setdefault(s["arch"], run_dir)
     for arch, run_dir in inits.items():                        # the bar a method must clear
         s = harness.read_summary(run_dir)
         rows.append({"method": "Random init", "arch": arch, "budget": "–", "knn_init": s["knn_top1_init"],
-                     "knn_init_bn": s["knn_top1_init_bn"],
+                     "knn_init_bn": s.get("knn_top1_init_bn"),
                      "knn": None, "linear": harness.evaluate(run_dir, 1.0, 0, args.device, scratch=True)["linear_top1"],
                      "epoch_seconds": None, "images_per_s": None})
     harness.bar_plot([(f"{r['method']} ({ARCH_NAMES.get(r['arch'], r['arch'])})",
