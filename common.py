@@ -1062,9 +1062,9 @@ def knn_top1(backbone, data, mean_std, k=200, t=0.1):
 
 @torch.no_grad()
 def refresh_batchnorm(backbone, x, mean_std, batches=20, batch_size=256):
-    """A copy of `backbone` whose BatchNorm running statistics are recomputed on `batches`
-    batches of the un-augmented images x (a seeded random choice; each statistic the average
-    of its batch values), no weight changed; None for a network without BatchNorm (a ViT).
+    """A copy of `backbone` whose BatchNorm running statistics are recomputed on up to `batches`
+    whole batches of the un-augmented images x (a seeded random choice; each statistic the
+    average of its batch values), no weight changed; None for a network without BatchNorm (a ViT).
     `backbone` and the global random stream are left as they were."""
     net = copy.deepcopy(backbone)
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -1072,7 +1072,8 @@ def refresh_batchnorm(backbone, x, mean_std, batches=20, batch_size=256):
         return None
     for m in norms:
         m.reset_running_stats()
-    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:batches * batch_size]
+    n = min(batches, max(1, len(x) // batch_size)) * batch_size   # whole batches (or all of a small x)
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
     net.train()
     for i, idx in enumerate(pick.to(x.device).split(batch_size)):
         for m in norms:

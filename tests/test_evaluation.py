@@ -79,6 +79,9 @@ def test_refresh_batchnorm_recomputes_the_statistics_of_a_copy():
     again = common.refresh_batchnorm(fresh, x, mean_std, batches=3, batch_size=8)
     for (k, v), w in zip(fresh.state_dict().items(), again.state_dict().values()):
         assert torch.allclose(v.float(), w.float(), atol=1e-5), k
+    # Only whole batches: 24 images in batches of 10 use 20 of them, a batch of 4 would not count.
+    two = common.refresh_batchnorm(net, x, mean_std, batches=3, batch_size=10)
+    assert two.stem[1].num_batches_tracked.item() == 2
     assert common.refresh_batchnorm(small_vit(), x, mean_std) is None
 
 

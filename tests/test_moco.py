@@ -136,6 +136,21 @@ def test_split_batchnorm_keeps_channels_last_and_loads_into_plain_resnet():
     plain.load_state_dict(net.state_dict())                    # same names, same buffers
 
 
+def test_random_init_bars_of_a_split_batchnorm_encoder_with_an_uneven_last_batch():
+    """refresh_batchnorm's batch need not split into the G groups (a data set smaller than its
+    batch): such a batch, never one in training, is normalised whole instead of failing."""
+    torch.manual_seed(0)
+    bn = moco.SplitBatchNorm(4, 8).train()
+    x = torch.randn(12, 4, 3, 3)
+    assert torch.allclose(bn(x), F.batch_norm(x, None, None, bn.weight, bn.bias, True), atol=1e-6)
+    y = torch.arange(100) % 3
+    images = torch.randint(0, 256, (100, 3, 16, 16), dtype=torch.uint8)   # one batch of 100 = 8 * 12 + 4
+    data = common.Dataset(images, y, images[:30], y[:30], ["a", "b", "c"], "toy")
+    net = moco.split_batchnorm(common.build_backbone("resnet18", 16, width=8), 8)
+    bars = common.random_init_bars(net, data, data.mean_std())
+    assert 0 <= bars["knn_top1_init_bn"] <= 1
+
+
 def tiny_moco(splits=2):
     model = moco.MoCo(common.build_backbone("resnet18", 16, width=8), 32, 16, 32)
     return moco.split_batchnorm(model, splits) if splits > 1 else model
