@@ -127,8 +127,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     def forward(self, x):                                      # (N, C, H, W) or (N, C)
         G = self.groups
-        if not self.training or G == 1 or x.shape[0] % G:    # uneven: never in training (main checks);
-            return super().forward(x)                          # common.refresh_batchnorm's last batch
+        if not self.training or G == 1 or x.shape[0] % G:    # uneven: never in training (main checks),
+            return super().forward(x)                          # but refresh_batchnorm on a small data set
         N, C, rest = x.shape[0], x.shape[1], x.shape[2:]      # rest: (H, W), or () in the projector
         # The groups side by side as channels, so that one fused BatchNorm call does all of them:
         # rows g*N/G... of channel c become channel g*C + c.
