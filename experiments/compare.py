@@ -27,12 +27,17 @@ def row(label, summary, linear):
             "peak_memory_mib": summary.get("peak_memory_mib"), "memory": summary.get("memory")}
 
 
-def init_row(run_dir, args):
-    """The same encoder untrained: the bar a method must clear to have learned anything."""
+def init_rows(run_dir, args):
+    """The same encoder untrained: the bar a method must clear to have learned anything. With
+    BatchNorm (a ResNet), also the second bar, its running statistics refreshed on the data."""
     summary = harness.read_summary(run_dir)
-    return {"method": "Random init (untrained)", "arch": summary["arch"], "knn_top1": summary["knn_top1_init"],
-            "linear_top1": harness.evaluate(run_dir, 1.0, 0, args.device, scratch=True)["linear_top1"],
-            "epoch_seconds": None, "images_per_s": None, "peak_memory_mib": None, "memory": None}
+    bars = [("Random init (untrained)", summary["knn_top1_init"], False)]
+    if summary.get("knn_top1_init_bn") is not None:
+        bars.append(("Random init, BN refreshed", summary["knn_top1_init_bn"], True))
+    return [{"method": label, "arch": summary["arch"], "knn_top1": knn,
+             "linear_top1": harness.evaluate(run_dir, 1.0, 0, args.device, scratch=True, refresh_bn=bn)["linear_top1"],
+             "epoch_seconds": None, "images_per_s": None, "peak_memory_mib": None, "memory": None}
+            for label, knn, bn in bars]
 
 
 def table(rows):
@@ -57,7 +62,7 @@ def main(argv=None):
         run_dir = harness.train(script, flags, args, label)
         rows.append(row(label, harness.read_summary(run_dir), harness.evaluate(run_dir, 1.0, 0, args.device)["linear_top1"]))
         first_of_arch.setdefault(rows[-1]["arch"], run_dir)
-    rows += [init_row(run_dir, args) for run_dir in first_of_arch.values()]
+    rows += [r for run_dir in first_of_arch.values() for r in init_rows(run_dir, args)]
     plot(rows, Path(args.results) / "compare.png")
     ssl = [r["linear_top1"] for r in rows[:len(harness.METHODS)]]
     harness.write_results(args, "compare", {"rows": rows, "linear_spread_points": 100 * (max(ssl) - min(ssl))},

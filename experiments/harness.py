@@ -173,16 +173,19 @@ def finetune_epochs(ft_epochs, n_labeled, n_train):
     return max(1, round(ft_epochs * n_train / n_labeled))
 
 
-def evaluate(run_dir, fraction, ft_epochs, device="auto", scratch=False):
+def evaluate(run_dir, fraction, ft_epochs, device="auto", scratch=False, refresh_bn=False):
     """Top-1 on the test split with a class-balanced `fraction` of the training labels: a
     linear probe on the frozen encoder, and (ft_epochs > 0) fine-tuning it with
     common.fine_tune for the compute of ft_epochs epochs over all images. scratch=True: the
-    same for a randomly initialised encoder of the run's architecture. Results are kept in the
-    run folder's evaluations.json, so a second call costs nothing."""
+    same for a randomly initialised encoder of the run's architecture; refresh_bn=True: with
+    its BatchNorm statistics refreshed on the training images first (common.refresh_batchnorm,
+    the second random-init bar). Results are kept in the run folder's evaluations.json, so a
+    second call costs nothing."""
     run_dir = Path(run_dir)
     cache_path = run_dir / "evaluations.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    key = f"{'scratch' if scratch else 'pretrained'} fraction={fraction:g} ft_epochs={ft_epochs}"
+    key = (f"{'scratch' if scratch else 'pretrained'}{' bn-refreshed' if refresh_bn else ''} "
+           f"fraction={fraction:g} ft_epochs={ft_epochs}")
     if key in cache:
         return cache[key]
     dev = common.pick_device(device)
@@ -195,6 +198,8 @@ def evaluate(run_dir, fraction, ft_epochs, device="auto", scratch=False):
     if not data.labeled:
         raise common.UserError(f"--data {a['data']} has no labels on a train and a test split; the "
                                f"experiments need them.")
+    if refresh_bn:
+        backbone = common.refresh_batchnorm(backbone, data.train_x, mean_std) or backbone   # a ViT: unchanged
     idx = supervised.label_subset(data.train_y, fraction, seed=a["seed"]).to(dev)
     labeled = common.Dataset(data.train_x[idx], data.train_y[idx], data.test_x, data.test_y, data.classes, data.name)
     what = f"{run_dir.name} {'scratch' if scratch else 'encoder'}, {100 * fraction:g}% labels ({len(idx)} images)"

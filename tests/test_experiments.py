@@ -224,6 +224,38 @@ def test_evaluate_rebuilds_the_runs_encoder_whatever_its_depth(tmp_path, monkeyp
     assert not torch.equal(scratch["blocks.0.attn.qkv.weight"], want["blocks.0.attn.qkv.weight"])
 
 
+def test_evaluate_the_bn_refreshed_bar(tmp_path, monkeypatch):
+    """refresh_bn probes the scratch encoder's weights with BatchNorm statistics of the data
+    (not the initial 0 and 1), under its own cache key."""
+    args = {"arch": "resnet18", "width": 8, "patch_size": 4, "depth": 12, "seed": 0, "data": "shapes",
+            "data_dir": str(tmp_path), "image_size": 16, "subset": 64}
+    torch.save(common.build_backbone("resnet18", 16, width=8).state_dict(), tmp_path / "encoder.pt")
+    (tmp_path / "summary.json").write_text(json.dumps({"args": args, "image_size": 16}))
+    probed = []
+    monkeypatch.setattr(common, "linear_probe", lambda backbone, *a, **k: probed.append(backbone) or 0.5)
+    harness.evaluate(tmp_path, 1.0, 0, "cpu", scratch=True)
+    harness.evaluate(tmp_path, 1.0, 0, "cpu", scratch=True, refresh_bn=True)
+    plain, refreshed = (m.state_dict() for m in probed)
+    assert all(torch.equal(plain[k], v) for k, v in refreshed.items() if "running" not in k and "num_batches" not in k)
+    assert torch.equal(plain["stem.1.running_mean"], torch.zeros(8))
+    assert not torch.equal(refreshed["stem.1.running_mean"], torch.zeros(8))
+    assert set(json.loads((tmp_path / "evaluations.json").read_text())) == {
+        "scratch fraction=1 ft_epochs=0", "scratch bn-refreshed fraction=1 ft_epochs=0"}
+
+
+def test_compare_has_the_second_bar_where_there_is_batchnorm(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(harness, "evaluate", lambda *a, **k: calls.append(k) or {"linear_top1": 0.3})
+    args = harness.parse(harness.make_parser("x"), ["--device", "cpu"])
+    for arch, bn, labels in [("resnet18", 0.12, ["Random init (untrained)", "Random init, BN refreshed"]),
+                             ("vit_tiny", None, ["Random init (untrained)"])]:
+        (tmp_path / "summary.json").write_text(json.dumps({"arch": arch, "knn_top1_init": 0.2, "knn_top1_init_bn": bn}))
+        rows = compare.init_rows(tmp_path, args)
+        assert [r["method"] for r in rows] == labels
+        assert [r["knn_top1"] for r in rows] == [0.2, bn][:len(labels)]
+    assert [c["refresh_bn"] for c in calls] == [False, True, False]
+
+
 def test_an_interrupted_run_is_continued(tmp_path):
     """A run folder with a checkpoint but no summary is continued from it, not restarted."""
     args = harness.parse(harness.make_parser("x"), ["--epochs", "2", "--device", "cpu", "--runs", str(tmp_path / "r"),
