@@ -202,7 +202,8 @@ def evaluate(run_dir, fraction, ft_epochs, device="auto", scratch=False, refresh
         backbone = common.refresh_batchnorm(backbone, data.train_x, mean_std) or backbone   # a ViT: unchanged
     idx = supervised.label_subset(data.train_y, fraction, seed=a["seed"]).to(dev)
     labeled = common.Dataset(data.train_x[idx], data.train_y[idx], data.test_x, data.test_y, data.classes, data.name)
-    what = f"{run_dir.name} {'scratch' if scratch else 'encoder'}, {100 * fraction:g}% labels ({len(idx)} images)"
+    what = (f"{run_dir.name} {'scratch' if scratch else 'encoder'}{', BN refreshed' if refresh_bn else ''}, "
+            f"{100 * fraction:g}% labels ({len(idx)} images)")
     print(f"== evaluate {what}", file=sys.stderr, flush=True)
     result = {"labeled_images": len(idx), "linear_top1": common.linear_probe(backbone, labeled, mean_std)}
     if ft_epochs:
