@@ -17,11 +17,14 @@ collapse the lecture warns about. The lecture's pieces:
 Notation: N batch, D projection dimension, tau the target's EMA momentum.
 
 Run:
-    python byol.py --data shapes --image-size 16 --width 16 --epochs 15   # CPU, a few minutes
-    python byol.py --epochs 200                                           # CIFAR-10, one GPU
-    python byol.py --no-predictor --epochs 20                             # watch it collapse
+    make demo METHOD=byol     # CPU, built-in shapes, a few minutes; the same as
+    python byol.py --data shapes --image-size 16 --width 16 --min-scale 0.6 --batch-size 256 \
+        --epochs 16 --tau-base 0.8 --eval-every 5
+    python byol.py            # CIFAR-10 on one GPU: the defaults are the recipe (batch 512, 200 epochs)
+    make exp-collapse         # with and without the predictor (--no-predictor collapses)
 
-Result: CIFAR-10 on a GPU not yet measured (no GPU was available to the session that wrote it).
+Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)
+and docs/results.md; the CIFAR-10 recipe on a GPU is not measured yet.
 """
 
 import argparse
@@ -57,12 +60,12 @@ def make_parser():
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
                        help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
                             "of a shorter run, however short: unlike SimCLR and MoCo, BYOL did better without "
-                            "a one-epoch floor, CIFAR-10, 5 epochs: kNN 37.1%% against 32.9%%)")
+                            "a one-epoch floor; docs/recipes.md, Short runs)")
     group.add_argument("--tau-base", type=common.ema_momentum, default=None,
                        help="the target's EMA momentum at step 0, in [0, 1); it rises to 1 on a cosine. The "
                             "target remembers about 1/(1 - tau) steps. Default: the recipe's 0.99, or lower in "
                             "a run under 4000 steps, so that the target remembers 2.5%% of the run and keeps up "
-                            "with the online network (CIFAR-10, 5 epochs: kNN 37.1%% at 0.9, 34.2%% at 0.99)")
+                            "with the online network (measured on CIFAR-10: docs/recipes.md, Short runs)")
     group.add_argument("--min-scale", type=common.fraction, default=0.08,
                        help="smallest crop as a fraction of the image area")
     group.add_argument("--predictor", action=argparse.BooleanOptionalAction, default=True,

@@ -13,6 +13,29 @@ bottom and call into this file; nothing in here serves one method alone. The des
 that shapes the rest: the whole training set lives on the training device as one uint8
 tensor and batches are augmented there, so no worker processes feed the GPU and an epoch
 runs close to the speed of the model itself.
+
+What to read first. A few functions carry the lecture's ideas; read them beside the slides:
+
+    Augment, random_resized_crop,     the views: "augmentation defines the task" (SimCLR's
+    color_jitter                      first component); what make exp-augment switches off
+    ResNet, ViT, build_backbone       the encoder f; a ViT's tokens are what MAE masks and
+                                      DINO's attention maps show
+    LARS                              the large-batch optimizer of SimCLR and BYOL (a trust
+                                      ratio per layer)
+    ema_update                        the slow teacher of MoCo, BYOL and DINO, in one line
+    knn_predict, linear_probe,        "did it learn?": evaluating a frozen encoder, and the
+    random_init_bars                  untrained encoder as the bar to clear
+    fine_tune, layer_decay            MAE's fine-tuning, pretrained against from scratch
+    embedding_std                     the collapse monitor: std of the normalised embeddings,
+                                      about 1/sqrt(d) when spread, 0 when collapsed
+
+The rest is plumbing a student may skip: reading CIFAR-10, image folders and tarballs, and
+generating `shapes` (section 1, except `Dataset`); the crop's resampling matrices and the
+colour-space conversions inside the augmentations; parameter groups and schedules (section
+4 around LARS); the pictures (section 6); and section 7, `Run` and its helpers: flags,
+checkpoints written atomically, the lock on the output folder, resuming, the progress line,
+summary.json. A method file uses `Run` as a black box: `start`, `batches`, `log_step`,
+`end_epoch`, `finish`.
 """
 
 import argparse
@@ -26,13 +49,15 @@ import math
 import os
 import pickle
 import re
+import signal
 import sys
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +71,45 @@ from PIL import Image, ImageDraw, ImageFont
 class UserError(Exception):
     """A problem with what the user gave us (a path, a file, a flag). Printed as one
     paragraph by `run_main` (section 7), never as a traceback."""
+
+
+def write_atomic(path, write):
+    """Every file a run writes comes through here. write(f) fills a temporary file of our own
+    (a unique name, created new, never through a symlink), renamed over `path` when whole: a
+    crash, a full disk or a second run never leaves half a file where the last good one was.
+    Ctrl-C waits for the rename. A failure is a message naming the file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        with _ctrl_c_deferred():
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):     # torch.save reports a full disk as RuntimeError
+            raise
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise UserError(f"could not write {path} ({type(e).__name__}: {why}); {kept}. Is the disk full?") from None
+
+
+@contextmanager
+def _ctrl_c_deferred():
+    """Hold Ctrl-C until the block ends, then raise it. Raised inside torch.save it would
+    come out as a write error, and the file being written would be lost."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pressed = []
+    signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 # ============================================================================================
@@ -94,12 +158,42 @@ class Dataset:
         return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).clamp(min=1 / 255).tolist()
 
 
+MAX_IMAGE_BYTES = 256 << 20     # one image file larger than this is refused, not read whole
+
+
+def available_memory():
+    """Bytes of memory free for this process (MemAvailable on Linux), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
+
+
+def check_fits(need, what):
+    """Refuse, before allocating it, a data set that cannot fit in memory, saying how much it needs."""
+    free = available_memory()
+    if free is not None and need > free:
+        raise UserError(f"{what} needs about {_size(need)} of memory, and {_size(free)} is free. Lower "
+                        f"--image-size (or --subset the data beforehand).")
+
+
+def _size(n):
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def load_data(spec, data_dir, image_size=32, subset=0, seed=0):
     """`spec` is 'cifar10', 'shapes', or a path to an image folder / .tar(.gz) of one."""
     data_dir = Path(data_dir)
     if spec == "cifar10":
         data = load_cifar10(data_dir)
     elif spec == "shapes":
+        # 12,000 uint8 images, and make_shapes's float32 work arrays for 500 at twice the size.
+        check_fits(12000 * 3 * image_size ** 2 + 500 * (2 * image_size) ** 2 * 4 * 8,
+                   f"--data shapes at --image-size {image_size}")
         data = make_shapes_dataset(image_size)
     else:
         data = load_image_tree(Path(spec), image_size, data_dir / "cache")
@@ -136,6 +230,12 @@ def _read_cifar_batch(fileobj, where):
     except Exception as e:
         raise UserError(f"{where} is not a CIFAR-10 batch in the official python format ({e}). "
                         f"Delete it and run again to download a fresh copy.") from None
+    # A label out of range would crash the kNN or train to 0% without a word; a count out of
+    # step would pair images with the wrong labels.
+    if y.ndim != 1 or len(y) != len(x) or (len(y) and (y.min() < 0 or y.max() >= len(CIFAR10_CLASSES))):
+        what = f"{len(x)} images but {y.size} labels" if y.ndim != 1 or len(y) != len(x) else \
+            f"labels from {y.min()} to {y.max()}, not 0 to {len(CIFAR10_CLASSES) - 1}"
+        raise UserError(f"{where} is corrupt: it holds {what}. Delete it and run again to download a fresh copy.")
     return x, y
 
 
@@ -145,15 +245,19 @@ def load_cifar10(data_dir):
     folder = data_dir / "cifar-10-batches-py"
     archive = data_dir / "cifar-10-python.tar.gz"
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    if folder.is_dir():
+    if _kind(folder, "--data-dir") == "dir":
         parts = []
         for n in names:
-            if not (folder / n).exists():
+            if not _kind(folder / n, "--data-dir"):
                 raise UserError(f"{folder} is missing {n}. Delete the folder to fall back to the archive.")
-            with open(folder / n, "rb") as f:
-                parts.append(_read_cifar_batch(f, folder / n))
+            try:
+                with open(folder / n, "rb") as f:
+                    parts.append(_read_cifar_batch(f, folder / n))
+            except OSError as e:                               # unreadable, or a folder of that name
+                raise UserError(f"cannot read {folder / n} ({type(e).__name__}: {e.strerror or e}). Delete the "
+                                f"folder to fall back to the archive.") from None
     else:
-        if not archive.exists():
+        if not _kind(archive, "--data-dir"):
             download(CIFAR10_URL, archive, CIFAR10_MD5)
         try:
             with tarfile.open(archive, "r:gz") as tar:
@@ -210,20 +314,67 @@ def download(url, dest, md5):
 
 # --- image folders and tarballs ------------------------------------------------------------
 
+def _kind(path, flag):
+    """'dir', 'file' or None (nothing there). A path the system refuses to look at (a name too
+    long, a folder that cannot be entered) is a message naming it and the flag it came from."""
+    try:
+        return "dir" if path.is_dir() else "file" if path.exists() else None
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot look there ({type(e).__name__}: {e.strerror or e}).") from None
+
+
+def _image_files(path):
+    """Every image file under the folder `path`, sorted. A folder that cannot be listed is an
+    error naming it: Path.rglob would skip it and train on the rest without a word."""
+    def refuse(e):
+        raise UserError(f"--data {path}: cannot read the folder {e.filename} ({type(e).__name__}: "
+                        f"{e.strerror or e}). Make it readable, or move it out of the data.")
+    files = [Path(top) / n for top, _, names in os.walk(path, onerror=refuse, followlinks=True) for n in names]
+    return sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _read_tar(path):
+    """{name: bytes} of the images in a tarball. tarfile takes a damaged header for the end of
+    the archive, so what follows that end must be the zero padding of a real one; reading it
+    to the end also checks a gzip stream's checksum."""
+    with tarfile.open(path, "r:*") as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS]
+        for m in members:
+            _check_image_bytes(f"{path}:{m.name}", m.size)
+        tar.fileobj.seek(tar.offset)
+        while chunk := tar.fileobj.read(1 << 20):
+            if chunk.strip(b"\0"):
+                raise tarfile.ReadError(f"damaged after {len(members)} images: what follows is not the archive's end")
+        return {m.name.lstrip("./"): tar.extractfile(m).read() for m in members}
+
+
+def _check_image_bytes(name, size):
+    if size > MAX_IMAGE_BYTES:
+        raise UserError(f"{name} is {size:,} bytes, more than any image this code reads ({MAX_IMAGE_BYTES:,}); "
+                        f"remove it from the data.")
+
+
 def _list_images(path):
     """Return ({relative posix name: zero-argument reader of bytes}, fingerprint for the cache)."""
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    kind = _kind(path, "--data")
+    if kind == "dir":
+        files = _image_files(path)
         readers = {p.relative_to(path).as_posix(): p.read_bytes for p in files}
         stamp = [(k, p.stat().st_size, p.stat().st_mtime_ns) for k, p in zip(readers, files)]
+        for k, size, _ in stamp:
+            _check_image_bytes(path / k, size)
         return readers, stamp
-    if path.is_file():
+    if kind == "file" and path.suffix.lower() in IMAGE_EXTENSIONS:
+        raise UserError(f"--data {path} is a single image; give the folder that holds the images (or train/ and "
+                        f"test/ with one subfolder per class), or a .tar.gz of one.")
+    if kind == "file":
         try:
-            with tarfile.open(path, "r:*") as tar:
-                blobs = {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers()
-                         if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS}
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise UserError(f"--data {path}: not a folder and not a readable .tar/.tar.gz ({e}).") from None
+            blobs = _read_tar(path)
+        except UserError:
+            raise
+        except Exception as e:                                 # tarfile, gzip, zlib, lzma, bz2 all raise their own
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--data {path}: not a folder and not a readable .tar/.tar.gz ({why}).") from None
         st = path.stat()
         return {k: (lambda b=b: b) for k, b in sorted(blobs.items())}, [(str(path), st.st_size, st.st_mtime_ns)]
     raise UserError(f"--data {path}: no such file or folder. Give 'cifar10', 'shapes', or a path to an "
@@ -238,6 +389,9 @@ def _split_layout(names, where):
     parts = {n: n.split("/") for n in names}
     first = {n: p.index("train") for n, p in parts.items() if "train" in p[:-1]}   # the shallowest train/
     roots = sorted({tuple(parts[n][:i]) for n, i in first.items()})
+    # A train/ inside another root's train/ or test/ is a class named train (CIFAR-100 has one).
+    roots = [r for r in roots if not any(len(r) > len(o) and r[:len(o)] == o and r[len(o)] in ("train", "test")
+                                         for o in roots)]
     if len(roots) > 1:
         found = ", ".join("/".join(r + ("train",)) for r in roots)
         raise UserError(f"--data {where}: found more than one train/ folder ({found}); keep one, or point "
@@ -285,40 +439,67 @@ def _to_rgb(im):
     return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
 
 
-def _decode(name, blob, size):
+def _decode(name, read, size):
+    """The image that read() returns, as uint8 (3, size, size); a file that cannot be read or
+    decoded is a message naming it."""
     try:
-        im = _to_rgb(Image.open(io.BytesIO(blob)))
+        im = _to_rgb(Image.open(io.BytesIO(read())))
     except Exception as e:
         why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))   # pillow names its buffer
         raise UserError(f"cannot read image {name} ({type(e).__name__}: {why}). Remove or replace that "
                         f"file and run again.") from None
     if im.size != (size, size):
-        # Scale the shorter side to `size`, then take the central square.
+        # Scale the shorter side to `size`, then take the central square: resize only that
+        # square's source box, as pillow can. Scaling the whole image first would cost, for a
+        # 1 x 2,000,000 picture, 32 x 64,000,000 pixels.
         w, h = im.size
         s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
+        W, H = max(size, round(w * s)), max(size, round(h * s))   # the size the whole image would get
+        left, top = (W - size) // 2, (H - size) // 2
+        box = (left * w / W, top * h / H, (left + size) * w / W, (top + size) * h / H)
+        im = im.resize((size, size), Image.BICUBIC, box=box)
     return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)     # (3, H, W)
+
+
+def _check_cached(d, size):
+    """Raise ValueError unless `d` is what load_image_tree caches: uint8 images (n, 3, size,
+    size), one int64 label per image when there are classes, a test split only with them."""
+    for x, y in [(d.train_x, d.train_y), (d.test_x, d.test_y)]:
+        if x is None:
+            continue
+        if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != (3, size, size):
+            raise ValueError(f"images of {x.dtype} {tuple(x.shape)}, not uint8 (n, 3, {size}, {size})")
+        if (y is None) != (not d.classes) or y is not None and (y.dtype != torch.int64 or y.shape != x.shape[:1]
+                                                               or len(y) and not 0 <= y.min() <= y.max() < len(d.classes)):
+            raise ValueError("labels that do not match the images or the classes")
+    if d.test_x is not None and not d.classes:
+        raise ValueError("a test split without classes")
 
 
 def load_image_tree(path, image_size, cache_dir):
     """Decode a folder or tarball of images once, cache the arrays, reuse them afterwards."""
     readers, stamp = _list_images(path)
+    # macOS leaves ._name files (its metadata, not images) beside copies and in __MACOSX/.
+    junk = {n for n in readers if any(part.startswith("._") or part == "__MACOSX" for part in n.split("/"))}
+    if junk:
+        print(f"note: {len(junk)} macOS metadata files (._ names, __MACOSX/) are not images and not used, such as "
+              f"{min(junk)}.", file=sys.stderr)
+        readers = {n: r for n, r in readers.items() if n not in junk}
     if not readers:
         raise UserError(f"--data {path}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}).")
     key = hashlib.sha1(json.dumps([str(path.resolve()), image_size, stamp]).encode()).hexdigest()[:16]
     cache = cache_dir / f"{path.name.split('.')[0]}-{image_size}px-{key}.npz"
-    if cache.exists():
+    if _kind(cache, "--data-dir"):
         try:
             with np.load(cache, allow_pickle=False) as z:
                 arr = {k: torch.from_numpy(z[k]) for k in z.files if k != "classes"}
                 classes = z["classes"].tolist()
-            return Dataset(arr["train_x"], arr.get("train_y"), arr.get("test_x"), arr.get("test_y"),
+            data = Dataset(arr["train_x"], arr.get("train_y"), arr.get("test_x"), arr.get("test_y"),
                            classes, path.name)
-        except Exception as e:                                 # a cache cut short: decode again
-            print(f"note: the cache {cache} is unreadable ({type(e).__name__}); decoding the images again.",
+            _check_cached(data, image_size)
+            return data
+        except Exception as e:                                 # a cache cut short or not ours: decode again
+            print(f"note: the cache {cache} is unreadable ({type(e).__name__}: {e}); decoding the images again.",
                   file=sys.stderr)
             cache.unlink(missing_ok=True)
 
@@ -329,6 +510,8 @@ def load_image_tree(path, image_size, cache_dir):
         print(f"note: {path} has a single class, {classes[0]}: nothing to tell apart, so no kNN or probe.",
               file=sys.stderr)
         classes = []
+    n = sum(len(items) for split, items in layout.items() if split == "train" or classes)
+    check_fits(2 * n * 3 * image_size ** 2, f"--data {path} ({n} images) at --image-size {image_size}")
     arrays = {}
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
@@ -341,7 +524,7 @@ def load_image_tree(path, image_size, cache_dir):
             unknown = {c for _, c in items} - set(classes)
             if split == "test" and unknown:
                 raise UserError(f"--data {path}: test/ has classes that train/ lacks: {sorted(map(str, unknown))}.")
-            imgs = list(pool.map(lambda item: _decode(f"{path}/{item[0]}", readers[item[0]](), image_size), items))
+            imgs = list(pool.map(lambda item: _decode(f"{path}/{item[0]}", readers[item[0]], image_size), items))
             arrays[f"{split}_x"] = np.stack(imgs)                                  # (n, 3, S, S)
             if classes:
                 arrays[f"{split}_y"] = np.array([classes.index(c) for _, c in items], dtype=np.int64)
@@ -386,8 +569,10 @@ def _shape_mask(cls, u, v):
     return (np.maximum(abs(u), abs(v)) <= 0.9) & (np.maximum(abs(u), abs(v)) >= 0.55)   # frame
 
 
-def make_shapes(n, seed, size=32):
-    """n images (n, 3, size, size) uint8 and labels (n,), deterministic in `seed`.
+def make_shapes(n, seed, size=32, masks=False):
+    """n images (n, 3, size, size) uint8 and labels (n,), deterministic in `seed`; with masks,
+    also each image's shape mask (n, size, size) float32: the fraction of each pixel the shape
+    covers, the ground truth that the attention maps are scored against (make exp-attention).
 
     Each image is one of ten shapes with random colour, size, position and rotation, over a
     random textured background (stripes, checks, blobs or a gradient), under film grain.
@@ -402,6 +587,7 @@ def make_shapes(n, seed, size=32):
     hy, hx = grid(size * ss)
     y = rng.integers(0, 10, n)
     out = np.empty((n, size, size, 3), dtype=np.uint8)
+    cover = np.empty((n, size, size), dtype=np.float32)
     for i0 in range(0, n, 500):
         i1 = min(n, i0 + 500)
         m = i1 - i0
@@ -436,6 +622,7 @@ def make_shapes(n, seed, size=32):
             if len(idx):
                 mask[idx] = _shape_mask(c, u[idx], v[idx])
         alpha = mask.reshape(m, size, ss, size, ss).mean((2, 4))[..., None]   # (m, S, S, 1) coverage
+        cover[i0:i1] = alpha[..., 0]
         shade = 0.85 + 0.15 * (u * 0.5 + 0.5).clip(0, 1).reshape(m, size, ss, size, ss).mean((2, 4))[..., None]
         # A fill colour far from the background's mean keeps the outline visible.
         fill = f32(rng.random((m, 1, 1, 3)))
@@ -450,7 +637,8 @@ def make_shapes(n, seed, size=32):
         # kNN with crops of 60-100%, 28.6% without).
         img += f32(rng.normal(0, 0.1, (m, size, size, 1)))
         out[i0:i1] = (img.clip(0, 1) * 255 + 0.5).astype(np.uint8)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)
+    x = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    return (x, torch.from_numpy(y), torch.from_numpy(cover)) if masks else (x, torch.from_numpy(y))
 
 
 def make_shapes_dataset(image_size=32, n_train=10000, n_test=2000):
@@ -863,7 +1051,7 @@ class ViT(nn.Module):
         return self.norm(self.features(x)[:, 0])               # (B, D): the [CLS] feature
 
 
-ARCHS = ["resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small"]
+ARCHS = ["resnet18", "resnet34", "resnet50", "vit_mini", "vit_tiny", "vit_small"]
 
 
 def build_backbone(arch, image_size=32, width=64, patch_size=4, depth=12, zero_init_residual=False,
@@ -877,6 +1065,8 @@ def build_backbone(arch, image_size=32, width=64, patch_size=4, depth=12, zero_i
         return ResNet(BasicBlock, [3, 4, 6, 3], width, small, zero_init_residual)
     if arch == "resnet50":
         return ResNet(Bottleneck, [3, 4, 6, 3], width, small, zero_init_residual)
+    if arch == "vit_mini":                                     # half ViT-Tiny's width, for a CPU: 4x cheaper blocks
+        return ViT(image_size, patch_size, 96, depth, 3, drop_path)
     if arch == "vit_tiny":
         return ViT(image_size, patch_size, 192, depth, 3, drop_path)
     if arch == "vit_small":
@@ -973,7 +1163,9 @@ class LARS(torch.optim.Optimizer):
 def param_groups(model, weight_decay, no_decay=(), lr_scale=None):
     """The trainable parameters of `model` as optimizer groups. Weight matrices and kernels get
     weight decay (and LARS's trust ratio); biases, norm parameters and the parameters whose
-    last name is in `no_decay` (MAE's tokens) get neither, as in SimCLR, BYOL and MAE.
+    last name is in `no_decay` (MAE's tokens) get neither, as solo-learn's LARS recipes (SimCLR,
+    BYOL) and MAE's fine-tuning do. For MoCo, SimSiam and MAE's pretraining, whose official code
+    decays them, this is a departure (docs/recipes.md): one rule for every method.
     lr_scale(name), when given, multiplies a parameter's learning rate (layer-wise decay)."""
     groups = {}
     for name, p in model.named_parameters():
@@ -1040,7 +1232,8 @@ def extract_features(backbone, x, mean_std, batch_size=1024):
 
 def knn_predict(train_f, train_y, test_f, num_classes, k=200, t=0.1, chunk=512):
     """Weighted kNN vote (Wu et al. 2018): each of the k nearest training features (cosine)
-    votes for its class with weight exp(cos / t). Returns (M,) predicted labels."""
+    votes for its class with weight exp(cos / t). Returns (M,) predicted labels. k = 200 and
+    t = 0.1 are MoCo's CIFAR-10 demo's and lightly's; Wu et al. use t = 0.07."""
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
     k = min(k, len(train_f))
     preds = []
@@ -1097,7 +1290,10 @@ def random_init_bars(backbone, data, mean_std):
 
 def linear_probe(backbone, data, mean_std, epochs=100, lr=1e-3, batch_size=256):
     """Top-1 of a linear classifier on frozen, standardised features (no augmentation):
-    how linearly separable the classes are in the representation."""
+    how linearly separable the classes are in the representation. The project's own protocol
+    (AdamW, a ResNet's pooled feature or a ViT's last [CLS]), fast and deterministic on a CPU;
+    not any paper's (MoCo: SGD at LR 30; MAE: LARS after a BatchNorm; DINO: the last four [CLS]
+    tokens; SimCLR: with crops and flips), so its figures compare runs here, not with papers."""
     train_f = extract_features(backbone, data.train_x, mean_std)
     test_f = extract_features(backbone, data.test_x, mean_std)
     mu, sd = train_f.mean(0), train_f.std(0) + 1e-6
@@ -1228,7 +1424,8 @@ def save_grid(grid, path, scale=3, pad=2):
             y, x = pad + r * (H + pad), pad + c * (W + pad)
             canvas[y:y + H, x:x + W] = grid[r, c].permute(1, 2, 0).numpy()
     img = Image.fromarray(canvas)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
 def save_views(augments, images, path, n=8):
@@ -1318,7 +1515,7 @@ def line_plot(panels, path, panel_size=(420, 300)):
     for i, p in enumerate(panels):
         draw_panel(draw, (i * W, 0, (i + 1) * W, H), p["series"], p["title"], p["xlabel"], p["ylabel"],
                    p.get("ymin"), p.get("xticks"))
-    img.save(path)
+    write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
 def plot_curves(history, bars, path, title=""):
@@ -1366,6 +1563,7 @@ positive_float = _number(float, lambda v: v > 0, "a positive number")
 nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
 fraction = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 ema_momentum = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+seed_int = _number(int, lambda v: -2**63 <= v < 2**64, "within 64 bits, as torch.manual_seed takes")
 
 
 def make_parser(description, arch):
@@ -1395,7 +1593,7 @@ def make_parser(description, arch):
                        help="auto picks cuda, then mps, then cpu")
     group.add_argument("--fp32", action="store_true", help="disable bf16 autocast on CUDA")
     group.add_argument("--compile", action="store_true", help="torch.compile the training forward (CUDA)")
-    group.add_argument("--seed", type=int, default=0, help="seeds weights, batches and augmentations")
+    group.add_argument("--seed", type=seed_int, default=0, help="seeds weights, batches and augmentations")
     group.add_argument("--out", default=None, help="output folder (default runs/<method>-<date>-<time>)")
     group.add_argument("--resume", default=None, metavar="PATH",
                        help="continue from a checkpoint.pt, by default into its folder, up to --epochs")
@@ -1421,7 +1619,12 @@ def parse_args(parser, argv, method):
              if s == o or s.startswith(o + "=")}
     if args.resume:
         ckpt = read_checkpoint(Path(args.resume), method)
+        actions = {a.dest: a for a in parser._actions}
         for k, saved in ckpt["args"].items():
+            if k in actions and k not in WHERE_FLAGS and not _saved_flag_ok(actions[k], saved):
+                raise UserError(f"--resume {args.resume}: the checkpoint's --{k.replace('_', '-')} {saved!r} is not "
+                                f"a value the command line takes (a hand-made checkpoint?). Resume from another "
+                                f"checkpoint, or start afresh.")
             now = getattr(args, k, saved)
             if k in WHERE_FLAGS or (k in RESUME_FLAGS and k in given):
                 continue
@@ -1465,7 +1668,7 @@ def embedding_std(z):
 
 
 def read_checkpoint(path, method):
-    if not path.is_file():
+    if _kind(path, "--resume") != "file":
         raise UserError(f"--resume {path}: no such checkpoint file.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -1474,60 +1677,132 @@ def read_checkpoint(path, method):
         raise UserError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {e}).") from None
     if ckpt.get("method") != method:
         raise UserError(f"--resume {path} is a {ckpt.get('method')} checkpoint, not {method}.")
+    bad = [k for k, ok in _checkpoint_fields(ckpt).items() if not ok]
+    if bad:
+        raise UserError(f"--resume {path}: not a checkpoint this code wrote ({', '.join(bad)} missing or "
+                        f"malformed). Resume from another checkpoint, or start afresh.")
     return ckpt
 
 
+def _checkpoint_fields(c):
+    """{field: whether it holds what Run wrote}: a hand-made or damaged checkpoint is a message."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    epoch = c.get("epoch")
+    return {
+        "args": isinstance(c.get("args"), dict),
+        "epoch": isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1,
+        "history": isinstance(c.get("history"), list) and len(c["history"]) == epoch
+                   and all(isinstance(h, dict) and number(h.get("seconds")) for h in c["history"]),
+        "bars": isinstance(c.get("bars"), dict) and {"knn_top1_init", "knn_top1_init_bn"} <= set(c["bars"]),
+        "train_seconds": number(c.get("train_seconds")),
+        "weight_norm_init": isinstance(c.get("weight_norm_init"), torch.Tensor) or number(c.get("weight_norm_init")),
+        "model": isinstance(c.get("model"), dict), "optimizer": isinstance(c.get("optimizer"), dict),
+        "rng": isinstance(c.get("rng"), dict) and isinstance(c["rng"].get("torch"), torch.Tensor),
+    }
+
+
+def _saved_flag_ok(action, value):
+    """Whether a flag's value read from a checkpoint is one its command line could have given."""
+    if value == action.default:
+        return True
+    many = isinstance(action, argparse._AppendAction)
+    if many and not isinstance(value, list):
+        return False
+    for v in value if many else [value]:
+        if action.choices is not None and v not in action.choices:
+            return False
+        if action.nargs == 0 and not isinstance(v, bool):    # a switch: --fp32, --linear-probe
+            return False
+        if action.nargs != 0 and action.type is None and action.choices is None and not isinstance(v, str):
+            return False
+        if action.type is not None:
+            try:
+                if action.type(str(v)) != v:
+                    return False
+            except (argparse.ArgumentTypeError, TypeError, ValueError):
+                return False
+    return True
+
+
 def save_atomic(obj, path):
-    """torch.save to a temporary file of our own (a unique name, created new, never through a
-    symlink), then rename over `path`: a crash, a full disk or a second run never leaves
-    half a file where the last good one was."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
-        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
-        raise UserError(f"could not write {path} ({type(e).__name__}: {e}); {kept}. Is the disk full?") from None
+    """torch.save through write_atomic (section 1's top): whole, or the previous file kept."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 class RunFolder:
     """A run's output folder, claimed by one process at a time: an exclusive lock file in it
     (created with O_EXCL, so only one process can create it) holds the owner's pid and is
     removed at exit. A second run into the same folder stops with the first one's pid
-    instead of interleaving their logs; a lock left by a killed run is taken over."""
+    instead of interleaving their logs; a lock that names no live process (left by a killed
+    run, emptied by a full disk, made by hand) is taken over."""
 
     def __init__(self, path):
         self.path, self.lock = path, path / ".lock"
 
     def claim(self):
-        self.created = not self.path.exists()
+        # The folders this run makes, the deepest first: release removes them again if empty.
+        self.created = [p for p in [self.path, *self.path.parents] if _kind(p, "--out") is None]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                pid = int(self.lock.read_text() or 0)
-                if pid != os.getpid() and _is_running(pid):
-                    raise UserError(f"--out {self.path} is in use by another run (process {pid}); wait for it "
-                                    f"to finish or choose another --out.") from None
-                self.lock.unlink()                             # left by a run that was killed
-                fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+            for _ in range(3):                                 # another run may take it between two tries
+                try:
+                    self._create_lock()
+                    return self._remove_dead_temporaries()
+                except FileExistsError:
+                    pid = self._owner()
+                    if pid is not None and pid != os.getpid() and _is_running(pid):
+                        break
+                    self.lock.unlink()                         # names no live process
+            raise UserError(f"--out {self.path} is in use by another run (process {self._owner()}); wait for it "
+                            f"to finish or choose another --out.")
         except OSError as e:
             raise UserError(f"--out {self.path}: cannot write there ({type(e).__name__}: {e}).") from None
 
+    def _remove_dead_temporaries(self):
+        """write_atomic's temporary files whose process is gone: a run killed while writing
+        one (up to a whole checkpoint) leaves it, and nothing else would ever remove it."""
+        for p in self.path.glob(".*.tmp"):
+            m = re.fullmatch(r"\..+\.([0-9]{1,9})\.[0-9a-f]{8}\.tmp", p.name)
+            if m and (int(m[1]) == os.getpid() or not _is_running(int(m[1]))):
+                p.unlink(missing_ok=True)
+
+    def _create_lock(self):
+        fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            os.write(fd, str(os.getpid()).encode())
+        except BaseException:                                  # a full disk: leave no empty lock behind
+            os.close(fd)
+            self.lock.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+
+    def _owner(self):
+        """The pid the lock holds, or None: empty, not a number, or a symlink (no lock of ours)."""
+        if self.lock.is_symlink() or not self.lock.is_file():
+            return None
+        text = self.lock.read_text(errors="replace")
+        if not text:                                           # perhaps being written this instant
+            time.sleep(0.1)
+            text = self.lock.read_text(errors="replace")
+        return int(text) if re.fullmatch(r"[0-9]{1,9}", text) and int(text) > 0 else None
+
     def release(self, litter=()):
-        """Drop the lock and delete `litter`; remove the folder if this run made it and it is empty."""
+        """Drop the lock and delete `litter`; remove the folders this run made if they are empty."""
         for name in litter:
             (self.path / name).unlink(missing_ok=True)
-        if self.lock.exists() and self.lock.read_text() == str(os.getpid()):
+        if self._owner() == os.getpid():
             self.lock.unlink()
-        if self.created and self.path.is_dir() and not any(self.path.iterdir()):
-            self.path.rmdir()
+        for folder in getattr(self, "created", []):
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _is_running(pid):
@@ -1576,7 +1851,11 @@ def restore(path, method, model, optimizer):
     except (RuntimeError, ValueError, KeyError) as e:                 # e.g. written by an older version
         raise UserError(f"--resume {path}: the checkpoint does not fit the model {method}.py builds now "
                         f"(written by another version of the code?): {str(e).splitlines()[0]}") from None
-    set_rng_state(c["rng"])
+    try:
+        set_rng_state(c["rng"])
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UserError(f"--resume {path}: its random number generator state is malformed "
+                        f"({str(e).splitlines()[0]}).") from None
     return c
 
 
@@ -1591,7 +1870,12 @@ def set_rng_state(state):
 
 
 def write_json(obj, path):
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def write_log(history, path):
+    """log.jsonl, one line per epoch, rewritten whole from the history: atomic like the rest."""
+    write_atomic(path, lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
 
 
 def device_name(device):
@@ -1626,7 +1910,7 @@ ACTIVE = {}                     # the run in progress, for run_main's message on
 class Run:
     """One training run. The method file parses its flags with parse_args, then:
 
-        run = common.Run(args, "simclr")             # the data on the device; nothing written yet
+        run = common.Run(args, "simclr")             # --out locked, the data on the device
         ... build the model and the optimizer ...
         run.start(model, optimizer, backbone)        # the folder; resume, or the random-init bars
         for epoch in range(run.start_epoch, args.epochs):
@@ -1643,11 +1927,19 @@ class Run:
     def __init__(self, args, method):
         self.args, self.method = args, method
         self.device = pick_device(args.device)
+        self.history, self.train_seconds, self.start_epoch, self.checkpoints = [], 0.0, 0, 0
+        self.litter = set()                                    # what to delete if no checkpoint gets written
         self.folder = RunFolder(Path(args.out))
         self.out = self.folder.path
-        if not args.resume and (self.out / "checkpoint.pt").exists():
+        # Claim the folder before the data loads: a second run into it stops at once, and the
+        # check below is made under the lock, so no two runs can both pass it.
+        self.folder.claim()
+        atexit.register(self.release)
+        ACTIVE["run"] = self
+        ckpt = self.out / "checkpoint.pt"
+        if _kind(ckpt, "--out") and not (args.resume and _same_file(Path(args.resume), ckpt)):
             raise UserError(f"--out {self.out} already holds a run (checkpoint.pt). Continue it with "
-                            f"--resume {self.out / 'checkpoint.pt'}, or choose another --out.")
+                            f"--resume {ckpt}, or choose another --out.")
         torch.manual_seed(args.seed)
         t0 = time.time()
         data = load_data(args.data, args.data_dir, args.image_size, args.subset, args.seed)
@@ -1668,15 +1960,11 @@ class Run:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda
         # One autocast context, chosen once: bf16 on CUDA (the matrix units' fast type, fp32's range).
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and not args.fp32 else nullcontext()
-        self.history, self.train_seconds, self.start_epoch, self.checkpoints = [], 0.0, 0, 0
 
     def start(self, model, optimizer, backbone):
-        """Claim the folder (nothing is written before, so bad input leaves none), then restore
-        the checkpoint or measure the random-init kNN; the log is rewritten from the history."""
+        """Restore the checkpoint or measure the random-init kNN; the log is rewritten from the
+        history. Nothing is written before, so bad input leaves no file."""
         self.model, self.optimizer, self.backbone = model, optimizer, backbone
-        self.folder.claim()
-        atexit.register(self.release)
-        ACTIVE["run"] = self
         if self.args.resume:
             c = restore(Path(self.args.resume), self.method, model, optimizer)
             self.start_epoch, self.history, self.bars = c["epoch"], c["history"], c["bars"]
@@ -1687,12 +1975,12 @@ class Run:
             self.bars = random_init_bars(backbone, self.data, self.mean_std)
             if self.data.labeled:
                 print(f"kNN top-1 of the random-init encoder: {_bars(**self.bars)}", file=sys.stderr)
-        (self.out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        self.litter.add("log.jsonl")
+        write_log(self.history, self.out / "log.jsonl")
 
     def release(self):
-        """Drop the lock; a run stopped before its first checkpoint leaves no litter."""
-        keep = self.args.resume or self.checkpoints
-        self.folder.release(() if keep else ("views.png", "log.jsonl"))
+        """Drop the lock; a run stopped before a checkpoint was in its folder leaves no litter."""
+        self.folder.release(() if (self.out / "checkpoint.pt").exists() else self.litter)
 
     def batches(self, epoch, order=None):
         """Yield (global step, indices (B,)) for one epoch, drop_last. `order`: the images to
@@ -1739,8 +2027,7 @@ class Run:
                      "history": self.history, "bars": self.bars, "train_seconds": self.train_seconds,
                      "weight_norm_init": self.weight_norm_init}, self.out / "checkpoint.pt")
         self.checkpoints += 1
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        write_log(self.history, self.out / "log.jsonl")
         knn = f" kNN {100 * rec['knn_top1']:.2f}%" if "knn_top1" in rec else ""
         print(f"epoch {epoch + 1}/{self.args.epochs} loss {loss:.4f} std*sqrt(d) {std * math.sqrt(self._dim):.2f}"
               f"{knn} {seconds:.1f}s {rec['images_per_s']:.0f} img/s".ljust(72), file=sys.stderr)
@@ -1748,6 +2035,7 @@ class Run:
 
     def save_views(self, augments):
         """views.png, drawn on a forked RNG: the picture must not change the run's random stream."""
+        self.litter.add("views.png")
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.device.type == "cuda" else []):
             save_views(augments, self.data.test_x if self.data.test_x is not None else self.data.train_x,
                        self.out / "views.png")
@@ -1778,21 +2066,45 @@ class Run:
 def run_main(main):
     """Run a script's main(): a problem with the input becomes a one-paragraph message and exit
     code 2, never a traceback; Ctrl-C says what there is to resume."""
+    ACTIVE.pop("run", None)                                    # a run of an earlier main() in this process
     try:
         main()
-    except UserError as e:
+    except (UserError, MemoryError, RuntimeError) as e:
+        if not isinstance(e, UserError) and not _out_of_memory(e):
+            raise
         if ACTIVE.get("run"):
             ACTIVE["run"].release()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e if isinstance(e, UserError) else _out_of_memory(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if ACTIVE.get("run"):
             ACTIVE["run"].release()
-        ckpt = ACTIVE["run"].out / "checkpoint.pt" if ACTIVE.get("run") else None
-        if ckpt is not None and ckpt.exists():
-            epoch = torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"]
-            print(f"\ninterrupted. The last checkpoint is {ckpt} (epoch {epoch}); continue with: python "
-                  f"{Path(sys.argv[0]).name} --resume {ckpt}", file=sys.stderr)
-        else:
-            print("\ninterrupted before the first checkpoint: nothing to resume.", file=sys.stderr)
+        print(f"\n{_what_to_resume(ACTIVE.get('run'))}", file=sys.stderr)
         sys.exit(130)
+
+
+def _out_of_memory(e):
+    """The message for an allocation that failed (the model or a batch too large), else None."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or "can't allocate memory" in text or \
+            "out of memory" in text.lower():
+        text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)
+        return (f"out of memory ({text or type(e).__name__}). The model or a batch does not fit on this machine: "
+                f"lower --width, --depth, --batch-size or --image-size.")
+    return None
+
+
+def _what_to_resume(run):
+    """Ctrl-C's message: this run's checkpoint, else the one it was resumed from, else none."""
+    script = Path(sys.argv[0]).name
+    ckpt = run.out / "checkpoint.pt" if run else None
+    if ckpt is not None and ckpt.exists():
+        try:
+            epoch = f" (epoch {torch.load(ckpt, map_location='cpu', weights_only=True)['epoch']})"
+        except Exception:                                      # the message matters more than the epoch
+            epoch = ""
+        return f"interrupted. The last checkpoint is {ckpt}{epoch}; continue with: python {script} --resume {ckpt}"
+    if run and run.args.resume:
+        return (f"interrupted before the first checkpoint in {run.out}; {run.args.resume} is as it was. Continue "
+                f"with: python {script} --resume {run.args.resume} --epochs {run.args.epochs} --out {run.out}")
+    return "interrupted before the first checkpoint: nothing to resume."

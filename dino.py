@@ -1,4 +1,4 @@
-"""DINO: self-distillation with no labels, on a Vision Transformer.
+"""DINO: self-distillation with no labels.
 
 The idea (Caron et al. 2021, arXiv 2104.14294): a student network is trained to output the
 same probability distribution over K "prototypes" as a teacher network, for different crops
@@ -9,24 +9,32 @@ teacher's output keep it from collapsing, and they pull in opposite directions:
 
     centering    subtract a running mean c of the teacher's logits: no prototype may dominate
                  (alone, this would push towards the uniform distribution)
-    sharpening   a low teacher temperature (0.04 -> 0.07): the distribution must be peaked
+    sharpening   a low teacher temperature T_t (0.04): the distribution must be peaked
                  (alone, this would push towards one prototype for every image)
 
 The lecture's pieces:
-    1. multi-crop          2 global crops at full size + M local crops      (dino_augments)
-    2. student g_s         ViT-Tiny/4 + DINO head (MLP, L2-normalised bottleneck, weight-normalised
-                           last layer to K outputs), P_s = softmax(g_s(x) / T_s)
-    3. teacher g_t         the same, theta_t <- m theta_t + (1 - m) theta_s, m from 0.996 to 1
+    1. multi-crop          2 global crops + M local crops, student only        (dino_augments)
+    2. student g_s         backbone + DINO head (MLP, L2-normalised bottleneck, weight-normalised
+                           last layer to K outputs), P_s = softmax(g_s(x) / T_s)   (DINOHead)
+    3. teacher g_t         the same, theta_t <- m theta_t + (1 - m) theta_s      (train_step)
     4. loss                sum over pairs of H(P_t(global j), P_s(crop i)), i != j   (dino_loss)
-    5. attention maps      the last block's [CLS] attention, per head: attention.png (last_attention)
+    5. attention maps      a ViT's last-block [CLS] attention, per head: attention.png
+                           (last_attention); scored against true masks by make exp-attention
+
+Two recipes, picked by --arch (RECIPES below; docs/recipes.md): the paper's for a ViT (AdamW,
+a 3-layer head, 6 local crops, T_t rising to 0.07, EMA rising to 1) and lightly's CIFAR-10
+benchmark for a ResNet (SGD, a 2-layer head with BatchNorm, no local crops, T_t 0.04 and EMA
+0.99 throughout). Any flag given on the command line wins.
 
 Notation: B batch, K prototypes (head outputs), S student crops (2 + M), L patches.
 
 Run:
-    python dino.py --data shapes --image-size 16 --subset 2000 --epochs 5   # CPU smoke run
-    python dino.py --epochs 200                                             # CIFAR-10, one GPU
+    make demo METHOD=dino                                   # shapes on a CPU: see the Makefile's DEMO_dino
+    make exp-attention                                      # a ViT's attention maps against the true masks
+    python dino.py --arch resnet18 --epochs 200             # CIFAR-10, one GPU, lightly's recipe
+    python dino.py --epochs 200                             # CIFAR-10, one GPU, ViT-Tiny/4, the paper's
 
-Result: CIFAR-10 on a GPU not yet measured (no GPU was available to the session that wrote it).
+Results: README.md, "A demo per method"; docs/results.md.
 """
 
 import argparse
@@ -42,47 +50,128 @@ import common
 
 # ============================================================================================
 # Configuration
-# Defaults follow the paper's ViT recipe (the official main_dino.py with its README's ViT-S
-# command, 300 epochs; every value below) with CIFAR-sized crops and head (4096 prototypes, 6 local
-# crops of half the image side) and main_dino.py's fixed last-layer norm (README says why).
+# Two recipes, picked by the backbone; a flag given on the command line always wins.
+#   ViT     the paper's: the official main_dino.py with its README's ViT-S command (300 epochs),
+#           with CIFAR-sized crops and head (4096 prototypes, 6 local crops of half the side).
+#   ResNet  lightly's CIFAR-10 benchmark (benchmarks/cifar10_benchmark.py, DINOModel, 200 epochs): SGD, a 2-layer head with BatchNorm, 2048 prototypes, a sharp
+#           teacher (T_t 0.04) on a fast EMA (0.99), two global crops and nothing else. The
+#           official README's ResNet-50 command is also SGD (0.03 per 256, weight decay 1e-4)
+#           with T_t 0.04. The ViT recipe on a ResNet never left the uniform output (loss log K)
+#           here in forty tries: docs/notes.md, "DINO".
 # ============================================================================================
 
-RECIPE_EPOCHS = 300             # the length of the cited recipe; shorter runs scale its schedules
+class ByArch:
+    """The default of a flag whose value depends on --arch (RECIPES); shown as such in --help."""
+
+    def __repr__(self):
+        return "by --arch"
+    __str__ = __repr__
+
+
+BY_ARCH = ByArch()
+
+RECIPES = {
+    #                         ViT (the paper)   ResNet (lightly's CIFAR-10)
+    "optimizer":            ("adamw",          "sgd"),
+    "lr":                   (5e-4,             0.12),    # per 256 images; lightly: 0.06 per 128
+    "weight_decay":         (0.04,             5e-4),
+    "weight_decay_end":     (0.4,              5e-4),    # the ResNet's stays constant
+    "momentum":             (0.996,            0.99),    # teacher EMA at step 0 ...
+    "momentum_end":         (1.0,              0.99),    # ... and at the end (lightly: fixed)
+    "teacher_temp":         (0.07,             0.04),
+    "warmup_teacher_temp":  (0.04,             0.04),
+    "local_crops":          (6,                0),
+    "clip_grad":            (3.0,              0.0),
+    "head_layers":          (3,                2),       # lightly: "use only 2 layers for cifar10"
+    "head_bn":              (False,            True),
+    "out_dim":              (4096,             2048),
+}
+# Schedule lengths in epochs of the recipe's length (RECIPE_EPOCHS); a shorter run gets the same
+# fraction of itself (common.scaled_epochs), a flag given is taken as it is.
+RECIPE_EPOCHS = (300, 200)
+SCHEDULES = {
+    "warmup_epochs":              (10, 0),     # LR warmup; lightly has none
+    "warmup_teacher_temp_epochs": (30, 0),     # T_t's rise; lightly's T_t is 0.04 throughout
+    "freeze_last_layer":          (1, 0),      # prototypes frozen; lightly never freezes them
+}
+
+
+def recipe_column(arch):
+    """0 for a ViT (the paper's recipe), 1 for a ResNet (lightly's)."""
+    return 1 if arch.startswith("resnet") else 0
+
+
+def resolve_recipe(args):
+    """Fill every flag still at BY_ARCH from the recipe of args.arch's family. The global crops'
+    smallest area: 0.4 (both recipes), 0.14 for a ViT without local crops (the official README's
+    advice for that case)."""
+    col = recipe_column(args.arch)
+    for name, values in RECIPES.items():
+        if getattr(args, name, BY_ARCH) is BY_ARCH:
+            setattr(args, name, values[col])
+    if args.min_scale is BY_ARCH:
+        args.min_scale = 0.14 if col == 0 and not args.local_crops else 0.4
+    return args
 
 
 def make_parser():
-    p = common.make_parser("DINO self-supervised pretraining.", arch="vit_tiny")
+    p = common.make_parser("DINO self-supervised pretraining. Flags shown 'by --arch' take the paper's ViT "
+                           "recipe with a ViT and lightly's CIFAR-10 ResNet recipe with a ResNet "
+                           "(dino.py: RECIPES; docs/recipes.md).", arch="vit_tiny")
     group = p.add_argument_group("DINO")
+    by = lambda vit, resnet: f"; ViT {vit} (the paper), ResNet {resnet} (lightly's CIFAR-10)"
     group.add_argument("--epochs", type=common.positive_int, default=200, help="passes over the training set")
     group.add_argument("--batch-size", type=common.positive_int, default=512, help="images per step")
-    group.add_argument("--lr", type=common.positive_float, default=5e-4,
-                       help="base learning rate per 256 images (scaled linearly with --batch-size)")
-    group.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"], help="AdamW for ViTs (the paper)")
-    group.add_argument("--weight-decay", type=common.nonneg_float, default=0.04, help="weight decay at the start ...")
-    group.add_argument("--weight-decay-end", type=common.nonneg_float, default=0.4, help="... rising to it on a cosine")
+    group.add_argument("--lr", type=common.positive_float, default=BY_ARCH,
+                       help="base learning rate per 256 images (scaled linearly with --batch-size)" + by(5e-4, 0.12))
+    group.add_argument("--optimizer", default=BY_ARCH, choices=["adamw", "sgd", "lars"], help="optimizer" + by("adamw", "sgd"))
+    group.add_argument("--weight-decay", type=common.nonneg_float, default=BY_ARCH,
+                       help="weight decay at the start ..." + by(0.04, 5e-4))
+    group.add_argument("--weight-decay-end", type=common.nonneg_float, default=BY_ARCH,
+                       help="... moving to this on a cosine" + by(0.4, 5e-4))
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
-                       help="linear LR warmup in epochs (default: 10 of 300, scaled to a shorter run, >= 1)")
-    group.add_argument("--momentum", type=common.ema_momentum, default=0.996, help="teacher's EMA momentum at step 0 (to 1)")
-    group.add_argument("--student-temp", type=common.positive_float, default=0.1, help="T_s")
-    group.add_argument("--teacher-temp", type=common.positive_float, default=0.07, help="T_t after the warmup")
-    group.add_argument("--warmup-teacher-temp", type=common.positive_float, default=0.04,
-                       help="T_t at step 0: a very sharp teacher early on keeps the start from collapsing")
+                       help="linear LR warmup in epochs (default: the recipe's, scaled to a shorter run, >= 1)"
+                            + by("10 of 300", "none"))
+    group.add_argument("--momentum", type=common.ema_momentum, default=BY_ARCH,
+                       help="teacher's EMA momentum at step 0 ..." + by(0.996, 0.99))
+    group.add_argument("--momentum-end", type=common.fraction, default=BY_ARCH,
+                       help="... rising to this on a cosine" + by(1.0, 0.99))
+    group.add_argument("--student-temp", type=common.positive_float, default=0.1, help="T_s (both recipes)")
+    group.add_argument("--teacher-temp", type=common.positive_float, default=BY_ARCH,
+                       help="T_t after the warmup" + by(0.07, 0.04))
+    group.add_argument("--warmup-teacher-temp", type=common.positive_float, default=BY_ARCH,
+                       help="T_t at step 0: a very sharp teacher early on keeps the start from collapsing" + by(0.04, 0.04))
     group.add_argument("--warmup-teacher-temp-epochs", type=common.nonneg_float, default=None,
-                       help="epochs of linear rise to --teacher-temp (default: 30 of 300, scaled to a shorter run)")
+                       help="epochs of linear rise to --teacher-temp (default: the recipe's, scaled to a shorter "
+                            "run)" + by("30 of 300", "none"))
     group.add_argument("--center-momentum", type=common.ema_momentum, default=0.9, help="EMA momentum of the centre c")
-    group.add_argument("--local-crops", type=common.nonneg_int, default=6,
-                       help="M small crops per image, student only (the paper's 8; each costs a forward and backward)")
+    group.add_argument("--local-crops", type=common.nonneg_int, default=BY_ARCH,
+                       help="M small crops per image, student only (each costs a forward and backward)" + by(6, 0))
     group.add_argument("--local-size", type=common.positive_int, default=None,
                        help="local crop side in pixels (default: half of --image-size; the paper's 96 of 224)")
-    group.add_argument("--clip-grad", type=common.nonneg_float, default=3.0, help="max grad norm per tensor (0: off)")
+    group.add_argument("--min-scale", type=common.fraction, default=BY_ARCH,
+                       help="smallest area of a global crop, as a fraction of the image; both recipes 0.4, "
+                            "a ViT without local crops 0.14 (the official README)")
+    group.add_argument("--color-strength", type=common.positive_float, default=1.0,
+                       help="colour jitter s * (0.4, 0.4, 0.2, 0.1), the paper's at 1 (both recipes); the "
+                            "shapes demo raises it, as its colours are a shortcut (docs/notes.md, DINO)")
+    group.add_argument("--clip-grad", type=common.nonneg_float, default=BY_ARCH,
+                       help="max grad norm per tensor (0: off)" + by(3.0, "off"))
     group.add_argument("--drop-path", type=common.nonneg_float, default=0.1, help="stochastic depth, student ViT only")
     group.add_argument("--freeze-last-layer", type=common.nonneg_float, default=None,
-                       help="epochs with the head's last layer frozen (default: 1 of 300, scaled to a shorter run)")
-    group.add_argument("--head-hidden", type=common.positive_int, default=2048, help="head MLP width")
+                       help="epochs with the head's last layer frozen (default: the recipe's, scaled to a shorter "
+                            "run)" + by("1 of 300", "none"))
+    group.add_argument("--head-layers", type=common.positive_int, default=BY_ARCH,
+                       help="Linear layers of the head's MLP, the bottleneck's included" + by(3, 2))
+    group.add_argument("--head-bn", action=argparse.BooleanOptionalAction, default=BY_ARCH,
+                       help="BatchNorm after each hidden layer of the head" + by("no", "yes"))
+    group.add_argument("--head-hidden", type=common.positive_int, default=2048, help="head MLP width (both recipes)")
     group.add_argument("--head-bottleneck", type=common.positive_int, default=256, help="L2-normalised bottleneck")
-    group.add_argument("--out-dim", type=common.positive_int, default=4096, help="K prototypes (the paper: 65536)")
+    group.add_argument("--out-dim", type=common.positive_int, default=BY_ARCH,
+                       help="K prototypes (the paper's ImageNet head: 65536)" + by(4096, 2048))
     group.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
-                       help="every prototype's length fixed at 1, the logits cosines (main_dino.py's default)")
+                       help="every prototype's length fixed at 1, the logits cosines (main_dino.py's and lightly's "
+                            "default)")
     return p
 
 
@@ -90,16 +179,19 @@ def make_parser():
 # Augmentation: multi-crop
 # ============================================================================================
 
-def dino_augments(mean_std, size, local_size, local_crops):
-    """The paper's DataAugmentationDINO. Both global views: crops of 40-100% of the area
-    (14-100% when there are no local crops, as its README advises), flip, colour jitter
-    0.4, 0.4, 0.2, 0.1 with p 0.8, grayscale p 0.2; blur p 1.0 on the first, p 0.1 and
-    solarisation p 0.2 on the second. Local views: crops of 5-40% at local_size, blur p 0.5."""
+def dino_augments(mean_std, size, local_size, min_scale=0.4, color_strength=1.0):
+    """The paper's DataAugmentationDINO. Both global views: crops of min_scale-100% of the area,
+    flip, colour jitter s * (0.4, 0.4, 0.2, 0.1) with p 0.8 (s = 1 the paper's; hue at most
+    0.5), grayscale p 0.2; blur p 1.0 on the
+    first, p 0.1 and solarisation p 0.2 on the second. Local views: crops of 5-40% at
+    local_size, blur p 0.5. Blur only above 32 px: every CIFAR recipe (lightly's, solo-learn's)
+    drops it, since a 32 px image is already about as blurred as a 224 px one after the blur."""
+    blur = lambda p: p if size > 32 else 0.0
+    c = color_strength
     view = lambda crop_size, scale, blur_p, solarize_p=0.0: common.Augment(
-        crop_size, scale=scale, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=blur_p,
+        crop_size, scale=scale, jitter=(0.4 * c, 0.4 * c, 0.2 * c, min(0.5, 0.1 * c)), jitter_p=0.8, gray_p=0.2, blur_p=blur(blur_p),
         solarize_p=solarize_p, mean=mean_std[0], std=mean_std[1])
-    global_scale = (0.4, 1.0) if local_crops else (0.14, 1.0)
-    return (view(size, global_scale, 1.0), view(size, global_scale, 0.1, 0.2),
+    return (view(size, (min_scale, 1.0), 1.0), view(size, (min_scale, 1.0), 0.1, 0.2),
             view(local_size, (0.05, 0.4), 0.5))
 
 
@@ -109,12 +201,20 @@ def dino_augments(mean_std, size, local_size, local_crops):
 
 class DINOHead(nn.Module):
     """MLP -> L2-normalised bottleneck -> weight-normalised linear layer: logit k is g_k times the
-    cosine of the bottleneck and prototype k, g_k fixed at 1 with norm_last_layer, else trained."""
+    cosine of the bottleneck and prototype k, g_k fixed at 1 with norm_last_layer, else trained.
+    The MLP has `layers` Linear layers (in -> hidden -> ... -> bottleneck), GELU between them,
+    and with batch_norm a BatchNorm after each hidden one: the paper's ViT head has 3 layers
+    without, lightly's CIFAR-10 ResNet head 2 layers with."""
 
-    def __init__(self, in_dim, hidden, bottleneck, out_dim, norm_last_layer=True):
+    def __init__(self, in_dim, hidden, bottleneck, out_dim, norm_last_layer=True, layers=3, batch_norm=False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, bottleneck))
+        dims = [in_dim] + [hidden] * (layers - 1) + [bottleneck]
+        mods = []
+        for i in range(layers):
+            mods.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < layers - 1:
+                mods += [nn.BatchNorm1d(dims[i + 1]), nn.GELU()] if batch_norm else [nn.GELU()]
+        self.mlp = nn.Sequential(*mods)
         # The prototypes start at PyTorch's Linear default, as the official last layer does: AdamW
         # moves every entry by about the LR per step, so smaller entries would turn them faster.
         bound = bottleneck ** -0.5
@@ -131,9 +231,10 @@ class DINOHead(nn.Module):
 
 
 class DINO(nn.Module):
-    def __init__(self, backbone, hidden, bottleneck, out_dim, norm_last_layer=True):
+    def __init__(self, backbone, hidden, bottleneck, out_dim, norm_last_layer=True, head_layers=3, head_bn=False):
         super().__init__()
-        self.student = nn.Sequential(backbone, DINOHead(backbone.dim, hidden, bottleneck, out_dim, norm_last_layer))
+        self.student = nn.Sequential(backbone, DINOHead(backbone.dim, hidden, bottleneck, out_dim, norm_last_layer,
+                                                        head_layers, head_bn))
         # The teacher starts as a copy and moves only through ema_update: no optimizer sees it.
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         if isinstance(backbone, common.ViT):
@@ -260,7 +361,7 @@ def save_attention(vit, images, mean_std, path):
 
 def main(argv=None):
     parser = make_parser()
-    args = common.parse_args(parser, argv, "dino")
+    args = resolve_recipe(common.parse_args(parser, argv, "dino"))
     local_size = args.local_size or max(1, args.image_size // 2)
     if args.local_crops and local_size > args.image_size:
         parser.error(f"--local-size {local_size} is larger than --image-size {args.image_size}")
@@ -270,19 +371,21 @@ def main(argv=None):
 
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size, args.depth,
                                      drop_path=args.drop_path)
-    model = common.to_device(DINO(backbone, args.head_hidden, args.head_bottleneck, args.out_dim, args.norm_last_layer),
-                             run.device)
+    model = common.to_device(DINO(backbone, args.head_hidden, args.head_bottleneck, args.out_dim, args.norm_last_layer,
+                                  args.head_layers, args.head_bn), run.device)
     base_lr = args.lr * args.batch_size / 256
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr)
     # Schedules, in steps: the recipe's length in epochs, or the same fraction of a shorter run.
-    steps = lambda flag, value, at_least=0: \
-        common.scaled_epochs(flag, value, RECIPE_EPOCHS, args.epochs, at_least) * run.steps_per_epoch
-    warmup, warmup_temp, frozen = steps(args.warmup_epochs, 10, at_least=1), \
-        steps(args.warmup_teacher_temp_epochs, 30), steps(args.freeze_last_layer, 1)
+    col = recipe_column(args.arch)
+    steps = lambda name, at_least=0: common.scaled_epochs(
+        getattr(args, name), SCHEDULES[name][col], RECIPE_EPOCHS[col], args.epochs, at_least) * run.steps_per_epoch
+    warmup, warmup_temp, frozen = steps("warmup_epochs", at_least=1), steps("warmup_teacher_temp_epochs"), \
+        steps("freeze_last_layer")
     teacher_backbone = model.teacher[0]                        # evaluated and exported: the better of the two
     run.start(model, optimizer, teacher_backbone)
-    global1, global2, local = dino_augments(run.mean_std, run.data.image_size, local_size, args.local_crops)
-    run.save_views([global1, global2, local])
+    global1, global2, local = dino_augments(run.mean_std, run.data.image_size, local_size, args.min_scale,
+                                             args.color_strength)
+    run.save_views([global1, global2, local] if args.local_crops else [global1, global2])
     train_model = torch.compile(model) if args.compile else model
 
     for epoch in range(run.start_epoch, args.epochs):
@@ -292,7 +395,7 @@ def main(argv=None):
             for group in optimizer.param_groups:               # the matrices' weight decay rises; 0 elsewhere
                 group["weight_decay"] = wd if group["decay"] else 0.0
             temp = teacher_temperature(step, warmup_temp, args.warmup_teacher_temp, args.teacher_temp)
-            momentum = common.cosine_schedule(step, run.total_steps, args.momentum, 1.0)
+            momentum = common.cosine_schedule(step, run.total_steps, args.momentum, args.momentum_end)
             x = run.data.train_x[idx]                          # (B, 3, H, W) uint8, on the device
             global_crops = torch.cat([global1(x), global2(x)])   # (2B, 3, H, W)
             local_crops = local(x.repeat(args.local_crops, 1, 1, 1)) if args.local_crops else None   # (MB, 3, h, w)

@@ -23,10 +23,14 @@ same ViT from random init with the same budget (common.fine_tune); all in summar
 Notation: B batch, L patches per image, p patch side, D widths.
 
 Run:
-    python mae.py --epochs 100                          # CIFAR-10, one GPU (then 100 + 100 fine-tuning)
-    python mae.py --data shapes --image-size 16 --depth 4 --decoder-depth 2 --lr 1e-3 --epochs 20 --finetune-epochs 0   # CPU
+    make demo METHOD=mae      # CPU, built-in shapes, a few minutes; the same as
+    python mae.py --data shapes --image-size 16 --patch-size 4 --depth 4 --decoder-depth 2 --lr 1e-3 \
+        --batch-size 256 --epochs 20 --finetune-epochs 0 --eval-every 5
+    python mae.py             # CIFAR-10 on one GPU: the defaults are the recipe (ViT-Tiny/4, batch 512)
+    make exp-mask-ratio       # the mask ratio, probed and fine-tuned
 
-Result: CIFAR-10 on a GPU not yet measured (no GPU was available to the session that wrote it).
+Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)
+and docs/results.md; the CIFAR-10 recipe on a GPU is not measured yet.
 """
 
 import argparse
@@ -289,12 +293,18 @@ def main(argv=None):
     if int(L * (1 - args.mask_ratio)) < 1:
         parser.error(f"--mask-ratio {args.mask_ratio} leaves no visible patch out of the {L} patches of a "
                      f"{args.image_size} px image cut into {args.patch_size} px patches")
+    if args.decoder_dim % args.decoder_heads:                  # each head takes an equal share of the width
+        parser.error(f"--decoder-heads {args.decoder_heads} does not divide --decoder-dim {args.decoder_dim}")
+    if args.decoder_dim % 4:                                   # sincos_positions: sin and cos of rows and columns
+        parser.error(f"--decoder-dim {args.decoder_dim} must be a multiple of 4 (its fixed positional embedding)")
     run = common.Run(args, "mae")
 
     encoder = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size, args.depth)
     model = common.to_device(MAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads), run.device)
     base_lr = args.lr * args.batch_size / 256
-    # Tokens get no weight decay (timm's no_weight_decay list); the fixed positions are not trained at all.
+    # The tokens get no weight decay, as in the fine-tuning (timm's no_weight_decay list): a departure,
+    # since main_pretrain.py decays them (its add_weight_decay spares only 1-D parameters); a learned
+    # token is an input, not a weight to shrink. The fixed positions are not trained at all.
     groups = common.param_groups(model, args.weight_decay, no_decay=("cls_token", "mask_token"))
     optimizer = common.make_optimizer(groups, "adamw", base_lr, betas=(0.9, 0.95))
     warmup = common.scaled_epochs(args.warmup_epochs, 40, RECIPE_EPOCHS, args.epochs, at_least=1) * run.steps_per_epoch

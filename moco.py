@@ -17,10 +17,13 @@ exponential moving average of the query encoder, never trained by gradient. The 
 Notation as in the paper: N batch, D embedding, K queue length, m momentum, tau temperature.
 
 Run:
-    python moco.py --data shapes --image-size 16 --width 16 --epochs 15   # CPU, a few minutes
-    python moco.py --epochs 200                                           # CIFAR-10, one GPU
+    make demo METHOD=moco     # CPU, built-in shapes, a few minutes; the same as
+    python moco.py --data shapes --image-size 16 --width 16 --min-scale 0.6 --batch-size 128 \
+        --epochs 16 --queue-size 1024 --proj-bn --momentum-end 0.99 --eval-every 5
+    python moco.py            # CIFAR-10 on one GPU: the defaults are the recipe (batch 512, 200 epochs)
 
-Result: CIFAR-10 on a GPU not yet measured (no GPU was available to the session that wrote it).
+Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)
+and docs/results.md; the CIFAR-10 recipe on a GPU is not measured yet.
 """
 
 import argparse
@@ -54,7 +57,9 @@ def make_parser():
                        help="base learning rate per 256 images (scaled linearly with --batch-size)")
     group.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"],
                        help="plain SGD suffices: MoCo does not need the huge batches LARS is for")
-    group.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4, help="L2 penalty on weight matrices")
+    group.add_argument("--weight-decay", type=common.nonneg_float, default=1e-4,
+                       help="L2 penalty on weight matrices; biases and norms get none, where the official code "
+                            "and solo-learn decay them too (one rule for every method here)")
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
                        help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
                             "of a shorter run, but at least one epoch)")
@@ -81,7 +86,7 @@ def make_parser():
     group.add_argument("--proj-dim", type=common.positive_int, default=256, help="dimension of q and k")
     group.add_argument("--proj-bn", action=argparse.BooleanOptionalAction, default=False,
                        help="a BatchNorm after the projector's hidden layer, split like the encoder's (SimCLR's "
-                            "and MoCo v3's projector; MoCo v2's has none, hence off). README: what it does in a "
+                            "and MoCo v3's projector; MoCo v2's has none, hence off). docs/notes.md: what it does in a "
                             "short run")
     return p
 
@@ -91,9 +96,10 @@ def make_parser():
 # ============================================================================================
 
 def moco_augment(mean_std, size, min_scale=0.08):
-    """solo-learn's symmetric_weak.yaml (MoCo v2's own, from the paper's Table 1 "aug+"):
-    crops of 8-100% of the area, flip, colour jitter 0.4, 0.4, 0.4, 0.1 with p 0.8,
-    grayscale p 0.2, blur p 0.5."""
+    """solo-learn's symmetric_weak.yaml: crops of 8-100% of the area (bicubic), flip, colour
+    jitter 0.4, 0.4, 0.4, 0.1 with p 0.8, grayscale p 0.2, blur p 0.5. The paper's "aug+" as
+    its code runs it crops 20-100% and resizes bilinearly; 8-100% bicubic is solo-learn's,
+    kept with the rest of solo-learn's recipe (docs/recipes.md)."""
     return common.Augment(size, scale=(min_scale, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
                           blur_p=0.5, mean=mean_std[0], std=mean_std[1])
 
@@ -162,7 +168,8 @@ def split_batchnorm(module, groups):
 class MoCo(nn.Module):
     def __init__(self, backbone, hidden, dim, queue_size, proj_bn=False):
         super().__init__()
-        # f_q: backbone, then MoCo v2's projector, Linear-ReLU-Linear (no BatchNorm): x -> q (N, D).
+        # f_q: backbone, then a Linear-ReLU-Linear projector (no BatchNorm): x -> q (N, D). MoCo v2's
+        # shape, at solo-learn's widths (512 -> 2048 -> 256); the official head is d -> d -> 128.
         # With proj_bn, Linear-BN-ReLU-Linear instead (common.mlp, SimCLR's projector).
         if proj_bn:
             projector = common.mlp([backbone.dim, hidden, dim])
@@ -247,7 +254,9 @@ def train_step(model, optimizer, x1, x2, momentum, args, autocast):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    model.push(k)                                              # after the loss: never its own negative
+    # One queue takes the keys of both views (2N a step), as the paper's single queue; solo-learn's
+    # MoCo v2+ keeps one queue per view. After the loss: a key is never its own negative.
+    model.push(k)
     return loss, q[:x1.shape[0]]
 
 

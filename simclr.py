@@ -10,11 +10,13 @@ the views of every other image in the batch. The lecture's four components:
     4. contrastive loss    NT-Xent / InfoNCE with temperature tau, eq. (1)  (info_nce below)
 
 Run:
-    python simclr.py --data shapes --epochs 15 --width 16     # CPU demo, a few minutes
-    python simclr.py --epochs 200                             # CIFAR-10, one GPU
+    make demo                 # CPU, built-in shapes, a few minutes; the same as
+    python simclr.py --data shapes --image-size 16 --width 16 --min-scale 0.6 --batch-size 256 \
+        --epochs 20 --warmup-epochs 2 --eval-every 5
+    python simclr.py          # CIFAR-10 on one GPU: the defaults are the recipe (batch 512, 200 epochs)
 
-Result: `make demo` (shapes, 16 px, ResNet-18 width 16, 15 epochs) reaches kNN top-1 31.25%
-against 19.80% at random init, on 2 CPU cores, 2026-11-24. CIFAR-10 on a GPU: not yet measured.
+Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)
+and docs/results.md; the CIFAR-10 recipe on a GPU is not measured yet.
 """
 
 import torch
@@ -76,7 +78,7 @@ def simclr_augment(mean_std, size, min_scale=0.08, strength=0.5, drop=()):
     jitter of strength s (0.8s, 0.8s, 0.8s, 0.2s) with p 0.8, grayscale p 0.2, and a blur with
     p 0.5 for ImageNet-sized images only. For CIFAR-10 the paper uses s = 0.5 and no blur
     (Appendix B.9), the defaults here; solo-learn's symmetric.yaml uses s = 1 and blurs at
-    32 px too, which cost 6.6 kNN points at the laptop budget (README). `drop` switches parts
+    32 px too, which did worse at the laptop budget (docs/recipes.md). `drop` switches parts
     off, for an ablation like the paper's study of augmentations (its Figure 5)."""
     s = strength
     aug = common.Augment(size, scale=(min_scale, 1.0), jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8,

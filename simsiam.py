@@ -15,11 +15,14 @@ monitor (std of the L2-normalised z, about 1/sqrt(D) when healthy) drops toward 
 Notation: N batch, D projection dimension.
 
 Run:
-    python simsiam.py --data shapes --image-size 16 --width 16 --epochs 15   # CPU, a few minutes
-    python simsiam.py --epochs 200                                           # CIFAR-10, one GPU
-    python simsiam.py --no-stop-grad --epochs 20                             # watch it collapse
+    make demo METHOD=simsiam  # CPU, built-in shapes, a few minutes; the same as
+    python simsiam.py --data shapes --image-size 16 --width 16 --min-scale 0.6 --batch-size 256 \
+        --epochs 16 --eval-every 5
+    python simsiam.py         # CIFAR-10 on one GPU: the defaults are the recipe (batch 512, 200 epochs)
+    make exp-collapse         # with and without the stop-gradient (--no-stop-grad collapses)
 
-Result: CIFAR-10 on a GPU not yet measured (no GPU was available to the session that wrote it).
+Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)
+and docs/results.md; the CIFAR-10 recipe on a GPU is not measured yet.
 """
 
 import argparse
@@ -50,7 +53,9 @@ def make_parser():
     group.add_argument("--lr", type=common.positive_float, default=0.5,
                        help="base learning rate per 256 images (scaled linearly with --batch-size)")
     group.add_argument("--optimizer", default="sgd", choices=["sgd", "lars"], help="plain SGD, as in the paper")
-    group.add_argument("--weight-decay", type=common.nonneg_float, default=1e-5, help="L2 penalty on weight matrices")
+    group.add_argument("--weight-decay", type=common.nonneg_float, default=1e-5,
+                       help="L2 penalty on weight matrices; biases and norms get none, where the official code "
+                            "and solo-learn decay them too (one rule for every method here)")
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
                        help="linear LR warmup, in epochs (default: the recipe's 10 of 1000, the same fraction "
                             "of a shorter run, but at least one epoch)")
@@ -73,8 +78,10 @@ def make_parser():
 # ============================================================================================
 
 def simsiam_augment(mean_std, size, min_scale=0.08):
-    """solo-learn's symmetric_weak.yaml (the paper's, from MoCo v2): crops of 8-100% of the
-    area, flip, colour jitter 0.4, 0.4, 0.4, 0.1 with p 0.8, grayscale p 0.2, blur p 0.5."""
+    """solo-learn's symmetric_weak.yaml: crops of 8-100% of the area (bicubic), flip, colour
+    jitter 0.4, 0.4, 0.4, 0.1 with p 0.8, grayscale p 0.2, blur p 0.5. The paper's code (MoCo
+    v2's augmentation) crops 20-100% and resizes bilinearly; 8-100% bicubic is solo-learn's,
+    kept with the rest of solo-learn's recipe (docs/recipes.md)."""
     return common.Augment(size, scale=(min_scale, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
                           blur_p=0.5, mean=mean_std[0], std=mean_std[1])
 

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import platform
 import subprocess
 import sys
 import time
@@ -267,11 +268,13 @@ def markdown_table(header, rows):
 
 
 def write_results(args, name, payload, table=None):
-    """results/<name>.json (with the configuration and the date), and <name>.md if a table."""
+    """results/<name>.json (with the configuration, the command, the machine and the date), and
+    <name>.md if a table. README's and docs/'s tables are generated from the JSON (make tables)."""
     results = Path(args.results)
     payload = dict(payload, config={"data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
                                     "extra": args.extra, "device": device_label(args.device),
-                                    "date": time.strftime("%Y-%m-%d")})
+                                    "date": time.strftime("%Y-%m-%d"), "machine": machine_label(args.device),
+                                    "command": " ".join(["python", f"experiments/{Path(sys.argv[0]).name}"] + sys.argv[1:])})
     (results / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     if table is not None:
         (results / f"{name}.md").write_text(table)
@@ -281,3 +284,14 @@ def write_results(args, name, payload, table=None):
 
 def device_label(device):
     return common.device_name(common.pick_device(device))
+
+
+def machine_label(device):
+    """The processor's or GPU's name and torch's version: what a reader needs to compare times."""
+    d = common.pick_device(device)
+    name = common.device_name(d) if d.type == "cuda" else platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if d.type != "cuda" and cpuinfo.exists():
+        name = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("model name")), name)
+    return f"{name}, torch {torch.__version__}"

@@ -1,9 +1,9 @@
-"""Every method learns on a laptop: the six methods and supervised on real CIFAR-10, each in
-about ten minutes on 2 CPU cores.
+"""Every method learns on a laptop: the six methods and supervised on real CIFAR-10, each
+at a budget of about ten minutes on 2 CPU cores (the measured times: docs/results.md).
 
 The reference budget: 20,000 training images (a seeded random subset), a ResNet-18 of width
 16, batch 256, 5 epochs, every other flag the method's default (the recipes' schedules then
-compress to 5 epochs: README, "Short runs"). The ViTs (DINO, MAE) are ViT-Tiny/4 on their
+compress to 5 epochs: docs/recipes.md, "Short runs"). The ViTs (DINO, MAE) are ViT-Tiny/4 on their
 defaults; where a whole run would not fit in about ten minutes, its row says the smaller
 budget it got. For each run: kNN top-1 of the encoder at random init (also with its
 BatchNorm statistics refreshed on the data, no weight changed: common.random_init_bars) and
@@ -13,6 +13,8 @@ seconds and images/s. Writes results/laptop.md, .json and .png.
     python experiments/laptop.py --data path/to/cifar10-jpg.tar.gz       # or cifar-10-python.tar.gz
     make laptop CIFAR=path/to/cifar10-jpg.tar.gz
 """
+import json
+import time
 from pathlib import Path
 
 import harness
@@ -47,21 +49,37 @@ def budget(summary):
 def main(argv=None):
     p = harness.make_parser(__doc__.splitlines()[0])
     p.set_defaults(epochs=5, batch_size=256, data=None)
+    p.add_argument("--only", action="append", metavar="METHOD", choices=sorted({r[0] for r in ROWS}),
+                   help="re-measure only this method's rows (repeatable) and keep the other rows of "
+                        "results/laptop.json as they are: for a change that moves one method's figures")
     args = harness.parse(p, argv)
     if args.data is None:
         p.error("--data: give the path of CIFAR-10 (cifar10-jpg.tar.gz, or cifar-10-python.tar.gz)")
     if Path(args.data).name == "cifar-10-python.tar.gz":      # the official archive: read from its folder
         args.extra = ["--data-dir", str(Path(args.data).parent)] + args.extra
         args.data = "cifar10"
+    kept = []
+    if args.only:
+        try:
+            kept = json.loads((Path(args.results) / "laptop.json").read_text())["rows"]
+        except (OSError, ValueError, KeyError) as e:
+            raise common.UserError(f"--only needs the earlier results in {args.results}/laptop.json ({e}).") from None
     rows, inits = [], {}
-    for label, script, flags in ROWS:
+    for i, (label, script, flags) in enumerate(ROWS):
+        if args.only and label not in args.only:
+            rows.append(kept[i])
+            continue
         run_dir = harness.train(script, BUDGET + flags, args, f"{label} ({script})")
         s = harness.read_summary(run_dir)
         rows.append({"method": label, "arch": s["arch"], "budget": budget(s), "knn_init": s["knn_top1_init"],
                      "knn_init_bn": s.get("knn_top1_init_bn"),   # None in a summary from before it
                      "knn": s["knn_top1"], "linear": harness.evaluate(run_dir, 1.0, 0, args.device)["linear_top1"],
-                     "epoch_seconds": s["epoch_seconds"], "images_per_s": s["images_per_s"]})
+                     "epoch_seconds": s["epoch_seconds"], "images_per_s": s["images_per_s"],
+                     "measured": f"{time.strftime('%Y-%m-%d')}, {harness.device_label(args.device)}"})
         inits.setdefault(s["arch"], run_dir)
+    if args.only:                                              # the bars: measured with the rows kept
+        rows += [r for r in kept if r["method"] == "Random init"]
+        inits = {}
     for arch, run_dir in inits.items():                        # the bar a method must clear
         s = harness.read_summary(run_dir)
         rows.append({"method": "Random init", "arch": arch, "budget": "–", "knn_init": s["knn_top1_init"],

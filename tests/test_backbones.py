@@ -42,6 +42,8 @@ def test_vit_shapes():
     assert common.build_backbone("vit_tiny", 32, patch_size=4).dim == 192
     assert len(common.build_backbone("vit_tiny", 32, patch_size=4).blocks) == 12
     assert len(common.build_backbone("vit_small", 32, patch_size=4, depth=6).blocks) == 6
+    mini = common.build_backbone("vit_mini", 32, patch_size=4, depth=3)
+    assert mini.dim == 96 and len(mini.blocks) == 3 and mini.blocks[0].attn.heads == 3
     vit = small_vit()
     x = torch.randn(3, 3, 16, 16)
     assert vit(x).shape == (3, 32)

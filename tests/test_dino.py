@@ -81,7 +81,7 @@ def test_dino_teacher_gets_no_gradient_multicrop_shapes_and_ema():
     model = dino.DINO(vit, 32, 16, 20)
     assert all(b.drop == 0 for b in model.teacher[0].blocks) and model.student[0].blocks[-1].drop == 0.1
     opt = common.make_optimizer(common.param_groups(model, 0.04), "adamw", 1e-3)
-    args = dino.make_parser().parse_args([])
+    args = dino.resolve_recipe(dino.make_parser().parse_args([]))
     g, loc = torch.randn(2 * 3, 3, 16, 16), torch.randn(4 * 3, 3, 8, 8)    # 2 global + 4 local crops of 3 images
     s, t = model(g, loc)
     assert s.shape == (6 * 3, 20) and t.shape == (2 * 3, 20) and not t.requires_grad
@@ -135,7 +135,7 @@ def test_without_norm_last_layer_each_prototype_has_a_trained_length():
     model = dino.DINO(vit, 16, 4, 10, norm_last_layer=False)
     opt = torch.optim.AdamW(model.student.parameters(), lr=0.1)
     before = [model.student[1].prototypes.clone(), model.student[1].gain.clone()]
-    args = dino.make_parser().parse_args([])
+    args = dino.resolve_recipe(dino.make_parser().parse_args([]))
     dino.train_step(model, opt, torch.randn(4, 3, 8, 8), None, 0.04, 0.9, args, nullcontext(), freeze_last_layer=True)
     assert torch.equal(model.student[1].prototypes, before[0]) and torch.equal(model.student[1].gain, before[1])
     assert not torch.equal(model.student[1].mlp[0].weight, model.teacher[1].mlp[0].weight)   # the rest moved
@@ -186,11 +186,48 @@ def test_attention_maps_are_the_weights_the_last_block_uses():
 
 
 def test_dino_crops_follow_the_paper():
-    g1, g2, local = dino.dino_augments(([0.5] * 3, [0.5] * 3), 32, 16, local_crops=6)
-    assert g1.scale == g2.scale == (0.4, 1.0) and local.scale == (0.05, 0.4) and local.size == 16
+    g1, g2, local = dino.dino_augments(([0.5] * 3, [0.5] * 3), 64, 32, min_scale=0.4)
+    assert g1.scale == g2.scale == (0.4, 1.0) and local.scale == (0.05, 0.4) and local.size == 32
     assert (g1.blur_p, g2.blur_p, local.blur_p) == (1.0, 0.1, 0.5) and g2.solarize_p == 0.2 == 0.2 + g1.solarize_p
     assert g1.jitter == (0.4, 0.4, 0.2, 0.1) and g1.interpolation == "bicubic"
-    assert dino.dino_augments(([0.5] * 3, [0.5] * 3), 32, 16, local_crops=0)[0].scale == (0.14, 1.0)
+    small = dino.dino_augments(([0.5] * 3, [0.5] * 3), 32, 16, min_scale=0.6)   # CIFAR-sized: no blur
+    assert [a.blur_p for a in small] == [0.0] * 3 and small[0].scale == (0.6, 1.0) and small[1].solarize_p == 0.2
+
+
+# The two recipes as their sources give them, written out by hand: the paper's main_dino.py
+# with its README's ViT-S command, and lightly's benchmarks/cifar10_benchmark.py (DINOModel).
+VIT_RECIPE = dict(optimizer="adamw", lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, momentum=0.996,
+                  momentum_end=1.0, teacher_temp=0.07, warmup_teacher_temp=0.04, local_crops=6, clip_grad=3.0,
+                  head_layers=3, head_bn=False, out_dim=4096, min_scale=0.4)
+RESNET_RECIPE = dict(optimizer="sgd", lr=0.12, weight_decay=5e-4, weight_decay_end=5e-4, momentum=0.99,
+                     momentum_end=0.99, teacher_temp=0.04, warmup_teacher_temp=0.04, local_crops=0, clip_grad=0.0,
+                     head_layers=2, head_bn=True, out_dim=2048, min_scale=0.4)
+
+
+@pytest.mark.parametrize("arch,recipe", [("vit_tiny", VIT_RECIPE), ("vit_small", VIT_RECIPE),
+                                         ("resnet18", RESNET_RECIPE), ("resnet50", RESNET_RECIPE)])
+def test_each_backbone_gets_its_recipe(arch, recipe):
+    args = dino.resolve_recipe(dino.make_parser().parse_args(["--arch", arch]))
+    assert {k: getattr(args, k) for k in recipe} == recipe
+
+
+def test_a_flag_given_wins_over_the_recipe():
+    args = dino.resolve_recipe(dino.make_parser().parse_args(
+        ["--arch", "resnet18", "--optimizer", "adamw", "--lr", "0.001", "--local-crops", "2", "--no-head-bn",
+         "--teacher-temp", "0.07"]))
+    assert (args.optimizer, args.lr, args.local_crops, args.head_bn, args.teacher_temp) == ("adamw", 0.001, 2, False, 0.07)
+    assert (args.momentum, args.out_dim, args.head_layers) == (0.99, 2048, 2)   # the rest: still the ResNet's
+    vit = dino.resolve_recipe(dino.make_parser().parse_args(["--local-crops", "0"]))
+    assert vit.min_scale == 0.14                               # the official README: a ViT without local crops
+    assert dino.resolve_recipe(dino.make_parser().parse_args(["--local-crops", "0", "--min-scale", "0.3"])).min_scale == 0.3
+
+
+def test_resnet_head_is_lightlys_two_layers_with_batchnorm():
+    mlp = dino.DINOHead(8, 16, 4, 10, layers=2, batch_norm=True).mlp
+    assert [type(m).__name__ for m in mlp] == ["Linear", "BatchNorm1d", "GELU", "Linear"]
+    assert (mlp[0].in_features, mlp[0].out_features, mlp[3].out_features) == (8, 16, 4)
+    vit_mlp = dino.DINOHead(8, 16, 4, 10).mlp
+    assert [type(m).__name__ for m in vit_mlp] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
 
 
 def test_dino_loss_is_fp32_under_autocast():
@@ -211,6 +248,8 @@ def test_dino_one_epoch_writes_attention_maps(tmp_path):
 def test_dino_with_a_resnet(tmp_path):
     out = one_epoch("dino.py", tmp_path, *SMALL, "--arch", "resnet18")
     assert not (out / "attention.png").exists()
+    saved = json.loads((out / "summary.json").read_text())["args"]     # the ResNet recipe, but the flags given
+    assert (saved["optimizer"], saved["momentum"], saved["head_bn"], saved["local_crops"]) == ("sgd", 0.99, True, 2)
     common.build_backbone("resnet18", 16, width=8).load_state_dict(torch.load(out / "encoder.pt", weights_only=True))
 
 

@@ -303,3 +303,24 @@ def test_laptop_table_end_to_end(tmp_path, monkeypatch):
     assert (tmp_path / "results" / "laptop.png").is_file()
     with pytest.raises(SystemExit):
         laptop.main(["--results", str(tmp_path / "results")])
+
+
+def test_laptop_only_remeasures_the_named_method(tmp_path, monkeypatch):
+    """--only METHOD re-runs that method's rows and keeps every other row of laptop.json, the
+    random-init bars included, as they were; without an earlier laptop.json it says so."""
+    monkeypatch.setattr(laptop, "ROWS", [("SimCLR", "simclr.py", []), ("BYOL", "byol.py", [])])
+    monkeypatch.setattr(laptop, "BUDGET", [])
+    results = tmp_path / "results"
+    argv = ["--data", "shapes", "--epochs", "1", "--device", "cpu", "--results", str(results),
+            "--runs", str(tmp_path / "runs"), "--only", "BYOL", "--", *TINY]
+    with pytest.raises(common.UserError, match="laptop.json"):
+        laptop.main(argv)
+    fake = {"method": "SimCLR", "arch": "resnet18", "budget": "old", "knn_init": 0.5, "knn_init_bn": 0.5, "knn": 0.9,
+            "linear": 0.9, "epoch_seconds": 1.0, "images_per_s": 1.0}
+    bar = dict(fake, method="Random init", knn=None, epoch_seconds=None, images_per_s=None)
+    (results / "laptop.json").write_text(json.dumps({"rows": [fake, dict(fake, method="BYOL"), bar]}))
+    laptop.main(argv)
+    rows = json.loads((results / "laptop.json").read_text())["rows"]
+    assert rows[0] == fake and rows[2] == bar                  # kept as they were
+    assert rows[1]["method"] == "BYOL" and rows[1]["budget"] == "256 images, 1 epoch" and rows[1]["knn"] != 0.9
+    assert "measured" in rows[1]

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
-METHODS = ["simclr", "moco", "byol", "simsiam", "dino", "mae"]
+METHODS = ["simclr", "moco", "byol", "simsiam", "dino", "mae", "rotation"]
 
 
 def make_demo(method, dry_run=True):

@@ -356,8 +356,8 @@ RECIPES = [("simclr.py", 10, 1000, 1), ("moco.py", 10, 1000, 1), ("byol.py", 10,
 @pytest.mark.parametrize("script,warmup,recipe,floor", RECIPES)
 def test_schedules_scale_with_the_run(monkeypatch, tmp_path, script, warmup, recipe, floor):
     """A run as long as the recipe keeps its warmup; half as long, half the warmup; a 2-epoch
-    run the same fraction, floored at one epoch for the LR except in BYOL (README: Short
-    runs). DINO's teacher temperature (30 epochs of 300) scales the same way, unfloored."""
+    run the same fraction, floored at one epoch for the LR except in BYOL (docs/recipes.md:
+    Short runs). DINO's teacher temperature (30 epochs of 300) scales the same way, unfloored."""
     for epochs, lr_epochs in [(recipe, warmup), (recipe // 2, warmup / 2), (2, max(floor, warmup * 2 / recipe))]:
         seen = _first_step_schedules(monkeypatch, tmp_path, script, epochs)
         assert seen["warmup"] == pytest.approx(lr_epochs * seen["steps_per_epoch"]), (epochs, seen)
