@@ -8,8 +8,10 @@
 # The lecture's claims, one command each (EPOCHS=, DATA=; on shapes and the CPU by default,
 # CIFAR-10 on a GPU with DATA=path/to/cifar10-jpg.tar.gz; FT_EPOCHS= for the fine-tuning ones).
 # Each writes results/<name>.png and .json; runs are shared between them (runs/experiments).
-# make exp-temperature  SimCLR kNN against tau in {0.05, 0.1, 0.2, 0.5, 1}
-# make exp-mask-ratio   MAE linear probe and fine-tune against mask ratio in {0.25, 0.5, 0.75, 0.9}
+# make exp-temperature  SimCLR kNN against tau in {0.05, 0.1, 0.2, 0.5, 1}, and the gradient weight of
+#                       each negative against its similarity (results/temperature_landscape.png, no training)
+# make exp-mask-ratio   MAE linear probe and fine-tune against mask ratio in {0.15, 0.25, 0.5, 0.75, 0.9},
+#                       and the error of filling the hidden patches by interpolation
 #                       (on shapes give EPOCHS=20: MAE needs them)
 # make exp-collapse     SimSiam without stop-grad and BYOL without predictor against the full methods
 # make exp-labels       SSL (probe, fine-tune) vs supervised vs from scratch with 1%, 10%, 100% labels
@@ -17,7 +19,7 @@
 # make exp-pretext      rotation prediction (the early pretext task) beside SimCLR, MAE and supervised
 # make exp-attention    DINO's ViT against the same ViT supervised: attention maps scored against the
 #                       true shape masks (32 px shapes, its own sizes; EPOCHS= is not passed)
-# make compare          the six methods and supervised under one recipe: accuracy, epoch time, memory
+# make compare          the six methods, supervised and rotation under one recipe: accuracy, time, memory
 # make experiments      all of the above
 # make laptop CIFAR=path/to/cifar10-jpg.tar.gz   the six methods and supervised on CIFAR-10, on 2 CPU cores
 # make tables  rewrite the tables of README.md and docs/*.md from results/*.json (docs/tables.py)
@@ -65,7 +67,7 @@ DEMO_moco := moco.py $(DEMO_RESNET) --batch-size 128 --epochs 16 --queue-size 10
 DEMO_byol := byol.py $(DEMO_RESNET) --batch-size 256 --epochs 16 --tau-base 0.8
 DEMO_simsiam := simsiam.py $(DEMO_RESNET) --batch-size 256 --epochs 16
 DEMO_rotation := rotation.py $(DEMO_RESNET) --batch-size 256 --epochs 30 --warmup-epochs 1
-DEMO_dino := dino.py $(DEMO) --batch-size 256 --arch resnet18 --width 16 --local-crops 2 --epochs 10
+DEMO_dino := dino.py $(DEMO_RESNET) --arch resnet18 --batch-size 64 --epochs 10
 DEMO_mae := mae.py $(DEMO) --batch-size 256 --patch-size 4 --depth 4 --decoder-depth 2 --lr 1e-3 --epochs 20 \
             --finetune-epochs 0
 

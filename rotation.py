@@ -22,8 +22,9 @@ image was turned afterwards: the task there can only be solved from low-level cu
 experiments/pretext.py). On CIFAR-10, photographs have an upright.
 
 Run:
-    python rotation.py --data shapes --image-size 16 --width 16 --min-scale 0.6 --batch-size 256 --epochs 16
-    make demo METHOD=rotation # the same
+    make demo METHOD=rotation # CPU, built-in shapes, a few minutes; the same as
+    python rotation.py --data shapes --image-size 16 --width 16 --min-scale 0.6 --batch-size 256 \
+        --epochs 30 --warmup-epochs 1 --eval-every 5
     python rotation.py        # CIFAR-10 on one GPU (the authors' batch 128, 200 epochs)
     make exp-pretext          # beside SimCLR, MAE and supervised at one budget
 
@@ -60,8 +61,8 @@ def make_parser():
                        help="images per step, one rotation each (the authors' 128 images, fed in all four "
                             "rotations)")
     group.add_argument("--lr", type=common.positive_float, default=0.1,
-                       help="learning rate per 128 images (the authors', at their batch of 128; scaled linearly "
-                            "with --batch-size)")
+                       help="learning rate per 512 inputs: the authors' 0.1 for a step of 128 images in 4 rotations "
+                            "each; scaled linearly with --batch-size, one input per image here")
     group.add_argument("--weight-decay", type=common.nonneg_float, default=5e-4,
                        help="L2 penalty on weight matrices (the authors' 5e-4)")
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=0.0,
@@ -174,7 +175,7 @@ def main(argv=None):
 
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size, args.depth)
     model = common.to_device(Rotation(backbone), run.device)
-    base_lr = args.lr * args.batch_size / 128
+    base_lr = args.lr * args.batch_size / 512                 # the authors' step: 128 images x 4 rotations
     optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), "sgd", base_lr, nesterov=True)
     warmup = args.warmup_epochs * run.steps_per_epoch
     run.start(model, optimizer, model.backbone)

@@ -50,6 +50,9 @@ def make_parser():
     group.add_argument("--lr", type=common.positive_float, default=0.1,
                        help="base learning rate per 256 images (scaled linearly with --batch-size)")
     group.add_argument("--weight-decay", type=common.nonneg_float, default=5e-4, help="L2 penalty on weight matrices")
+    group.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+                       help="SGD with Nesterov momentum (the ResNet recipe); a ViT wants AdamW (DeiT's: about 5e-4 "
+                            "per 512 images, weight decay 0.05; give --lr and --weight-decay with it)")
     group.add_argument("--warmup-epochs", type=common.nonneg_float, default=None,
                        help="linear LR warmup, in epochs (default: 2 of the recipe's 200, the same fraction of a "
                             "shorter run, but at least one epoch)")
@@ -155,7 +158,8 @@ def main(argv=None):
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size, args.depth)
     model = common.to_device(Supervised(backbone, len(run.data.classes)), run.device)
     base_lr = args.lr * args.batch_size / 256
-    optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), "sgd", base_lr, nesterov=True)
+    optimizer = common.make_optimizer(common.param_groups(model, args.weight_decay), args.optimizer, base_lr,
+                                      nesterov=True)
     warmup = common.scaled_epochs(args.warmup_epochs, 2, RECIPE_EPOCHS, args.epochs, at_least=1) * run.steps_per_epoch
     run.start(model, optimizer, model.backbone)
     if args.augment == "simclr":                               # simclr.py's recipe, written out

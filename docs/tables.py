@@ -109,11 +109,16 @@ def laptop(results):
     rows = [(r["method"], ARCH.get(r["arch"], r["arch"]), r["budget"], pct(r["knn_init"]), pct(r["knn_init_bn"]),
              pct(r["knn"]), num(None if r["knn"] is None else 100 * (r["knn"] - r["knn_init"]), "+.1f"),
              pct(r["linear"]), num(r["epoch_seconds"], ".0f"), num(r["images_per_s"], ",.0f")) for r in d["rows"]]
-    c = d["config"]
-    return (table(["method", "backbone", "budget", "kNN % at init", "at init, BN refreshed", "kNN %", "gain",
-                   "linear probe %", "epoch s", "images/s"], rows)
-            + f"\n`results/laptop.json`: `make laptop` (CIFAR-10, batch {c['batch_size']}); "
-              f"{c.get('machine', '').split(' (transcribed')[0] or c['device']}, {c['device']}, {c['date']}.\n")
+    c = d.get("config_of_kept_rows", d["config"])
+    out = (table(["method", "backbone", "budget", "kNN % at init", "at init, BN refreshed", "kNN %", "gain",
+                  "linear probe %", "epoch s", "images/s"], rows)
+           + f"\n`results/laptop.json`: `make laptop` (CIFAR-10, batch {c['batch_size']}); "
+             f"{c.get('machine', '').split(' (transcribed')[0] or c['device']}, {c['device']}, {c['date']}")
+    later = [r for r in d["rows"] if r.get("measured")]        # rows re-measured since (laptop.py --only)
+    for r in later:
+        out += f"; {r['method']} ({ARCH.get(r['arch'], r['arch'])}) re-measured {r['measured']}"
+        out += f", {r['timing_note']}" if r.get("timing_note") else ""
+    return out + ".\n"
 
 
 def temperature(results):
@@ -129,8 +134,12 @@ def mask_ratio(results):
     rows = [(f"{r:g}", pct(lin), pct(ft), pct(knn))
             for r, lin, ft, knn in zip(d["ratios"], d["linear_top1"], d["finetune_top1"], d["knn_top1"])]
     rows.append(("from scratch", "–", pct(d["finetune_top1_scratch"]), "–"))
-    return (table(["mask ratio", "linear probe %", f"fine-tune % ({d['finetune_epochs']} ep)", "kNN %"], rows)
-            + source("mask_ratio", d["config"]))
+    header = ["mask ratio", "linear probe %", f"fine-tune % ({d['finetune_epochs']} ep)", "kNN %"]
+    if "interpolation_mse" in d:                               # the fills without learning, from issue 34 on
+        fills = [tuple(f"{v:.3f}" for v in f) for f in zip(*d["interpolation_mse"].values())] + [("–", "–")]
+        rows = [(*row, *fill) for row, fill in zip(rows, fills)]
+        header += ["nearest-pixel fill MSE", "flat fill MSE"]
+    return table(header, rows) + source("mask_ratio", d["config"])
 
 
 def collapse(results):
@@ -164,6 +173,27 @@ def augment(results):
     return table(["augmentation", "kNN top-1 %", "vs full"], rows) + source("augment", d["config"])
 
 
+def pretext(results):
+    if not (results / "pretext.json").exists():
+        return "Not measured yet: `make exp-pretext`.\n"
+    d = load(results, "pretext")
+    rows = [(r["method"], r["objective"], ARCH.get(r["arch"], r["arch"]), pct(r["knn_top1"]), pct(r["linear_top1"]),
+             pct(r["task_top1"])) for r in d["rows"]]
+    return (table(["encoder", "objective", "backbone", "kNN %", "linear probe %", "own task top-1 %"], rows)
+            + source("pretext", d["config"]))
+
+
+def attention(results):
+    if not (results / "attention.json").exists():
+        return "Not measured yet: `make exp-attention`.\n"
+    d = load(results, "attention")
+    names = {"dino": "DINO", "supervised": "supervised", "random": "untrained"}
+    rows = [(names[k], f"{d['jaccard'][k]:.3f} (head {d['best_head'][k]})", f"{d['jaccard_mean_over_heads'][k]:.3f}",
+             pct(d["knn_top1"][k])) for k in ("dino", "supervised", "random")]
+    return (table(["ViT-Mini/4, 3 blocks, 32 px shapes", "Jaccard, best head", "mean over heads", "kNN %"], rows)
+            + source("attention", d["config"]))
+
+
 def compare(results):
     d = load(results, "compare")
     rows = [(r["method"], ARCH.get(r["arch"], r["arch"]), pct(r["knn_top1"]), pct(r["linear_top1"]),
@@ -174,7 +204,8 @@ def compare(results):
 
 
 TABLES = {"demos": demos, "demo-output": demo_output, "laptop": laptop, "temperature": temperature,
-          "mask-ratio": mask_ratio, "collapse": collapse, "labels": labels, "augment": augment, "compare": compare}
+          "mask-ratio": mask_ratio, "collapse": collapse, "labels": labels, "augment": augment, "compare": compare,
+          "pretext": pretext, "attention": attention}
 
 
 # --- rewriting the documents -----------------------------------------------------------------

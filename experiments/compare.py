@@ -6,8 +6,9 @@ methods land close together; differences in published numbers are mostly differe
 recipe. Every method here trains for the same epochs at the same batch size on the same data,
 with its own paper's defaults otherwise, and is evaluated the same way: kNN and a linear probe
 of the frozen encoder. The supervised line (labels, cross-entropy, same budget) is the
-reference. Writes results/compare.png, results/compare.json and results/compare.md with
-accuracy, epoch time and peak memory.
+reference, and rotation prediction (rotation.py) the early pretext task's. Writes
+results/compare.png, results/compare.json and results/compare.md with accuracy, epoch time and
+peak memory.
 
     python experiments/compare.py --epochs 10 --data shapes -- --image-size 16 --width 16
     python experiments/compare.py --epochs 100 --data cifar10-jpg.tar.gz      # on a GPU
@@ -58,7 +59,8 @@ def plot(rows, path):
 def main(argv=None):
     args = harness.parse(harness.make_parser(__doc__.splitlines()[0]), argv)
     rows, first_of_arch = [], {}
-    for label, script, flags in harness.METHODS + [("Supervised", "supervised.py", [])]:
+    references = [("Supervised", "supervised.py", []), ("Rotation", "rotation.py", [])]
+    for label, script, flags in harness.METHODS + references:
         run_dir = harness.train(script, flags, args, label)
         rows.append(row(label, harness.read_summary(run_dir), harness.evaluate(run_dir, 1.0, 0, args.device)["linear_top1"]))
         first_of_arch.setdefault(rows[-1]["arch"], run_dir)

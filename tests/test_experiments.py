@@ -318,9 +318,13 @@ def test_laptop_only_remeasures_the_named_method(tmp_path, monkeypatch):
     fake = {"method": "SimCLR", "arch": "resnet18", "budget": "old", "knn_init": 0.5, "knn_init_bn": 0.5, "knn": 0.9,
             "linear": 0.9, "epoch_seconds": 1.0, "images_per_s": 1.0}
     bar = dict(fake, method="Random init", knn=None, epoch_seconds=None, images_per_s=None)
-    (results / "laptop.json").write_text(json.dumps({"rows": [fake, dict(fake, method="BYOL"), bar]}))
+    old_config = {"date": "2026-01-01", "device": "elsewhere", "batch_size": 256}
+    (results / "laptop.json").write_text(json.dumps({"rows": [fake, dict(fake, method="BYOL"), bar],
+                                                     "config": old_config}))
     laptop.main(argv)
-    rows = json.loads((results / "laptop.json").read_text())["rows"]
+    res = json.loads((results / "laptop.json").read_text())
+    rows = res["rows"]
     assert rows[0] == fake and rows[2] == bar                  # kept as they were
+    assert res["config_of_kept_rows"] == old_config            # and where and when they were measured
     assert rows[1]["method"] == "BYOL" and rows[1]["budget"] == "256 images, 1 epoch" and rows[1]["knn"] != 0.9
     assert "measured" in rows[1]
