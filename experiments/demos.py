@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["simclr", "moco", "byol", "simsiam", "dino", "mae"]
+METHODS = ["simclr", "moco", "byol", "simsiam", "dino", "mae", "rotation"]
 
 
 def demo_command(method):
