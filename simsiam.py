@@ -135,17 +135,17 @@ def simsiam_loss(p, z, stop_grad=True):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, x1, x2, stop_grad, autocast):
+def train_step(model, optimizer, x1, x2, stop_grad, amp):
     """Each view through the one shared network in its own forward pass, so BatchNorm
     normalises each with its own statistics (the paper's code); the symmetrised loss
     L = D(p1, z2)/2 + D(p2, z1)/2 of eq. (4)."""
-    with autocast:
+    with amp:
         p1, z1 = model(x1)                                     # (N, D) each
         p2, z2 = model(x2)
         loss = simsiam_loss(p1, z2, stop_grad) / 2 + simsiam_loss(p2, z1, stop_grad) / 2
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    amp.backward(loss)
+    amp.step(optimizer)
     return loss, z1
 
 
@@ -169,10 +169,10 @@ def main(argv=None):
     run.start(model, optimizer, model.backbone)
     augment = simsiam_augment(run.mean_std, run.data.image_size, args.min_scale)
     run.save_views([augment])
-    train_model = torch.compile(model) if args.compile else model
+    train_model = run.wrap(model)
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
+        for step, idx in run.batches(epoch):                   # idx: this step's images, B (B/N on each of N processes)
             common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
             if args.fixed_pred_lr:
                 for group in optimizer.param_groups:
@@ -180,7 +180,7 @@ def main(argv=None):
                         group["lr"] = base_lr
             x = run.data.train_x[idx]                          # (B, 3, H, W) uint8, on the device
             x1, x2 = augment(x), augment(x)                    # (B, 3, H, W) fp32 each
-            loss, z1 = train_step(train_model, optimizer, x1, x2, args.stop_grad, run.autocast)
+            loss, z1 = train_step(train_model, optimizer, x1, x2, args.stop_grad, run.amp)
             run.log_step(loss, z1)
         run.end_epoch(epoch)
     run.finish()
