@@ -21,6 +21,7 @@ Run:
     python byol.py --data shapes --image-size 16 --width 16 --min-scale 0.6 --batch-size 256 \
         --epochs 16 --tau-base 0.8 --eval-every 5
     python byol.py            # CIFAR-10 on one GPU: the defaults are the recipe (batch 512, 200 epochs)
+    torchrun --standalone --nproc-per-node 4 byol.py   # the same run on 4 GPUs (README, "Several GPUs")
     make exp-collapse         # with and without the predictor (--no-predictor collapses)
 
 Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)

@@ -2157,9 +2157,10 @@ class Run:
         run = common.Run(args, "simclr")             # --out locked, the data on the device
         ... build the model and the optimizer ...
         run.start(model, optimizer, backbone)        # the folder; resume, or the random-init bars
+        train_model = run.wrap(model)                # DDP on several processes, else model
         for epoch in range(run.start_epoch, args.epochs):
             for step, idx in run.batches(epoch):      # idx: (B,) indices into run.data.train_x
-                ... augment, forward, loss, backward, optimizer step ...
+                ... augment, forward (train_model), loss, run.amp.backward, run.amp.step ...
                 run.log_step(loss, embeddings)        # accumulated on the device: no host sync
             run.end_epoch(epoch)                      # checks, kNN, checkpoint, log line
         run.finish()                                  # encoder.pt, curves.png, summary.json

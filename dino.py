@@ -33,6 +33,7 @@ Run:
     make exp-attention                                      # a ViT's attention maps against the true masks
     python dino.py --arch resnet18 --epochs 200             # CIFAR-10, one GPU, lightly's recipe
     python dino.py --epochs 200                             # CIFAR-10, one GPU, ViT-Tiny/4, the paper's
+    torchrun --standalone --nproc-per-node 4 dino.py --epochs 200   # the same on 4 GPUs (README, "Several GPUs")
 
 Results: README.md, "A demo per method"; docs/results.md.
 """

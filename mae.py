@@ -27,6 +27,7 @@ Run:
     python mae.py --data shapes --image-size 16 --patch-size 4 --depth 4 --decoder-depth 2 --lr 1e-3 \
         --batch-size 256 --epochs 20 --finetune-epochs 0 --eval-every 5
     python mae.py             # CIFAR-10 on one GPU: the defaults are the recipe (ViT-Tiny/4, batch 512)
+    torchrun --standalone --nproc-per-node 4 mae.py   # the same run on 4 GPUs (README, "Several GPUs")
     make exp-mask-ratio       # the mask ratio, probed and fine-tuned
 
 Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)

@@ -21,6 +21,7 @@ Run:
     python moco.py --data shapes --image-size 16 --width 16 --min-scale 0.6 --batch-size 128 \
         --epochs 16 --queue-size 1024 --proj-bn --momentum-end 0.99 --eval-every 5
     python moco.py            # CIFAR-10 on one GPU: the defaults are the recipe (batch 512, 200 epochs)
+    torchrun --standalone --nproc-per-node 4 moco.py   # the same run on 4 GPUs (README, "Several GPUs")
 
 Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)
 and docs/results.md; the CIFAR-10 recipe on a GPU is not measured yet.

@@ -14,6 +14,7 @@ Run:
     python simclr.py --data shapes --image-size 16 --width 16 --min-scale 0.6 --batch-size 256 \
         --epochs 20 --warmup-epochs 2 --eval-every 5
     python simclr.py          # CIFAR-10 on one GPU: the defaults are the recipe (batch 512, 200 epochs)
+    torchrun --standalone --nproc-per-node 4 simclr.py   # the same run on 4 GPUs (README, "Several GPUs")
 
 Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)
 and docs/results.md; the CIFAR-10 recipe on a GPU is not measured yet.

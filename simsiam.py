@@ -19,6 +19,7 @@ Run:
     python simsiam.py --data shapes --image-size 16 --width 16 --min-scale 0.6 --batch-size 256 \
         --epochs 16 --eval-every 5
     python simsiam.py         # CIFAR-10 on one GPU: the defaults are the recipe (batch 512, 200 epochs)
+    torchrun --standalone --nproc-per-node 4 simsiam.py   # the same run on 4 GPUs (README, "Several GPUs")
     make exp-collapse         # with and without the stop-gradient (--no-stop-grad collapses)
 
 Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)
