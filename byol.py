@@ -21,6 +21,7 @@ Run:
     python byol.py --data shapes --image-size 16 --width 16 --min-scale 0.6 --batch-size 256 \
         --epochs 16 --tau-base 0.8 --eval-every 5
     python byol.py            # CIFAR-10 on one GPU: the defaults are the recipe (batch 512, 200 epochs)
+    torchrun --standalone --nproc-per-node 4 byol.py   # the same run on 4 GPUs (README, "Several GPUs")
     make exp-collapse         # with and without the predictor (--no-predictor collapses)
 
 Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)
@@ -139,17 +140,17 @@ def byol_loss(p, z):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, x1, x2, tau, autocast):
+def train_step(model, optimizer, x1, x2, tau, amp):
     """The online prediction of each view regresses the target's projection of the other
     (the paper's L + L~). Each view has its own forward pass, so BatchNorm normalises each
     with its own statistics, as in the paper's code. The target then follows."""
-    with autocast:
+    with amp:
         p1, z1 = model(x1)                                     # (N, D) each
         p2, z2 = model(x2)
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    amp.backward(loss)
+    amp.step(optimizer)
     common.ema_update(model.target, model.online, tau)        # xi <- tau xi + (1 - tau) theta
     return loss, p1
 
@@ -175,15 +176,15 @@ def main(argv=None):
     run.start(model, optimizer, model.backbone)
     augment1, augment2 = byol_augments(run.mean_std, run.data.image_size, args.min_scale)
     run.save_views([augment1, augment2])
-    train_model = torch.compile(model) if args.compile else model
+    train_model = run.wrap(model)
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
+        for step, idx in run.batches(epoch):                   # idx: this step's images, B (B/N on each of N processes)
             common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
             tau = common.cosine_schedule(step, run.total_steps, tau_base, 1.0)
             x = run.data.train_x[idx]                          # (B, 3, H, W) uint8, on the device
             x1, x2 = augment1(x), augment2(x)                  # (B, 3, H, W) fp32 each
-            loss, p1 = train_step(train_model, optimizer, x1, x2, tau, run.autocast)
+            loss, p1 = train_step(train_model, optimizer, x1, x2, tau, run.amp)
             run.log_step(loss, p1)
         run.end_epoch(epoch)
     run.finish()

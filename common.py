@@ -1,12 +1,13 @@
-"""common.py: what the self-supervised methods here share, as a short chapter in seven sections.
+"""common.py: what the self-supervised methods here share, as a short chapter in eight sections.
 
     1. data            CIFAR-10, the built-in `shapes` set, image folders and tarballs
     2. augmentations   torchvision's transforms, batched on the tensor's device
     3. backbones       ResNet-18/34/50 (small-image stem), ViT-Tiny/Small, the MLP head
-    4. optimizers      LARS, parameter groups, schedules, the EMA of slow teachers
+    4. optimizers      LARS, parameter groups, schedules, the EMA of slow teachers, precision
     5. evaluation      kNN and linear probe on frozen features, fine-tuning
     6. pictures        image grids and plots, drawn with pillow
-    7. a training run  flags, checkpoints, and `Run`: folder, log, progress, evaluation
+    7. processes       several processes as one run (torchrun): gathers, DDP
+    8. a training run  flags, checkpoints, and `Run`: folder, log, progress, evaluation
 
 Each section uses only the ones above it. The method files (simclr.py, ...) read top to
 bottom and call into this file; nothing in here serves one method alone. The design choice
@@ -41,8 +42,11 @@ summary.json. A method file uses `Run` as a black box: `start`, `batches`, `log_
 import argparse
 import atexit
 import copy
+import datetime
 import functools
+import gc
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -63,6 +67,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
@@ -892,10 +897,21 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c)
         self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c)
-        self.last_bn = self.bn2                                # the BN that zero_init_residual zeroes
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != c:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+
+    @property
+    def last_bn(self):
+        """The BN that zero_init_residual zeroes. A property, not a second name for the module:
+        a module registered twice is missed by whatever replaces modules by name (SyncBatchNorm,
+        MoCo's split BatchNorm), and the stale copy's parameters then get no gradient."""
+        return self.bn2
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        for k in [k for k in state_dict if k.startswith(prefix + "last_bn.")]:
+            del state_dict[k]                                  # the alias, in files written before 2026-12-06
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -913,10 +929,12 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(c)
         self.conv3 = nn.Conv2d(c, 4 * c, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(4 * c)
-        self.last_bn = self.bn3
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != 4 * c:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, 4 * c, 1, stride, bias=False), nn.BatchNorm2d(4 * c))
+
+    last_bn = property(lambda self: self.bn3)                  # as in BasicBlock
+    _load_from_state_dict = BasicBlock._load_from_state_dict
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -1207,6 +1225,83 @@ def cosine_schedule(step, total, start, end):
     return end - (end - start) * (math.cos(math.pi * min(step / max(1, total), 1.0)) + 1) / 2
 
 
+def pick_precision(device, fp32=False, capability=None, forced=None):
+    """The number format of the training forward: "bf16", "fp16" or "fp32".
+
+    bf16 has fp32's range, so autocast to it needs nothing else; CUDA GPUs compute it natively
+    from compute capability 8.0 (Ampere: A100, RTX 30xx) on. Older ones (a free notebook's T4
+    is 7.5, a V100 7.0) get fp16, whose small range needs the loss scaled (Precision below).
+    CPU and Apple's MPS train in fp32. `--fp32` turns autocast off; the environment variable
+    SSL_PRECISION=fp16 (or bf16) forces a format on CUDA, e.g. to try a T4's path on a newer card.
+    `capability` is (major, minor), read from the GPU when None."""
+    if device.type != "cuda" or fp32:
+        return "fp32"
+    forced = os.environ.get("SSL_PRECISION", "") if forced is None else forced
+    if forced:
+        if forced not in ("bf16", "fp16", "fp32"):
+            raise UserError(f"SSL_PRECISION={forced}: give bf16, fp16 or fp32 (or leave it unset to choose by GPU).")
+        return forced
+    major, _ = torch.cuda.get_device_capability(device) if capability is None else capability
+    return "bf16" if major >= 8 else "fp16"
+
+
+class Precision:
+    """Mixed precision for a training step, in three calls that replace the usual ones:
+
+        with amp:                       # autocast: the forward in bf16 or fp16 (or fp32: a no-op)
+            loss = ...
+        optimizer.zero_grad()
+        amp.backward(loss)              # loss.backward(), of the scaled loss in fp16
+        amp.step(optimizer)             # optimizer.step(), skipped in fp16 if a gradient overflowed
+
+    fp16 gradients below 6e-8 round to zero, so fp16 multiplies the loss by a large scale before
+    backward and divides the gradients by it before the step (torch.amp.GradScaler, which also
+    lowers the scale after an overflow). With bf16 and fp32 the calls are exactly
+    loss.backward() and optimizer.step(). amp.unscale(optimizer) before clipping gradients."""
+
+    DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def __init__(self, device, kind="fp32"):
+        self.kind, self.device_type = kind, device.type
+        self.scaler = torch.amp.GradScaler(device.type) if kind == "fp16" else None
+        self._context = None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.DTYPES[self.kind]) if self.kind in self.DTYPES \
+            else nullcontext()
+
+    def __enter__(self):
+        self._context = self.autocast()
+        return self._context.__enter__()
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
+
+    def backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def unscale(self, optimizer):
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer):
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def state_dict(self):
+        return self.scaler.state_dict() if self.scaler else {}
+
+    def load_state_dict(self, state):
+        if self.scaler and state:
+            self.scaler.load_state_dict(state)
+
+
+FP32 = Precision(torch.device("cpu"))             # the plain fp32 step, for tests and tools
+
+
 # ============================================================================================
 # 5. Evaluation
 # Frozen features of un-augmented images, L2-normalised for kNN: the test split is
@@ -1219,12 +1314,13 @@ def extract_features(backbone, x, mean_std, batch_size=1024):
     was_training = backbone.training
     backbone.eval()
     cuda = x.device.type == "cuda"
+    amp = Precision(x.device, pick_precision(x.device))       # bf16 or fp16 on CUDA, else fp32
     feats = []
     for i in range(0, len(x), batch_size):
         xb = normalize_images(x[i:i + batch_size].float() / 255, *mean_std)
         if cuda:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with amp:
             feats.append(backbone(xb).float())
     backbone.train(was_training)
     return torch.cat(feats)
@@ -1363,12 +1459,12 @@ def fine_tune(backbone, data, mean_std, epochs, lr=1e-3, batch_size=256, weight_
     """Test top-1 after training the whole encoder plus a linear head with labels, MAE's
     fine-tuning recipe: AdamW (default betas), lr per 256 images with warmup (5 of MAE's 100
     epochs, the same fraction of a shorter run) then cosine, layer-wise lr decay 0.75 and drop
-    path 0.1 (ViTs only), global average pooling, label smoothing 0.1, crop + flip, bf16 on
-    CUDA. Left out of the paper's recipe: RandAugment, mixup, cutmix and random erasing. Used
+    path 0.1 (ViTs only), global average pooling, label smoothing 0.1, crop + flip, bf16 (or
+    fp16) on CUDA. Left out of the paper's recipe: RandAugment, mixup, cutmix and random erasing. Used
     with the same arguments for a pretrained encoder and a randomly initialised one, the gap
     between the two is what pretraining bought. Trains `backbone` in place: pass a copy."""
     device = data.train_x.device
-    cuda = device.type == "cuda"
+    amp = Precision(device, pick_precision(device))           # bf16 or fp16 (scaled) on CUDA, else fp32
     vit = isinstance(backbone, ViT)
     if vit:
         backbone.set_drop_path(drop_path_rate)
@@ -1390,12 +1486,12 @@ def fine_tune(backbone, data, mean_std, epochs, lr=1e-3, batch_size=256, weight_
         for i in range(steps):
             set_lr(optimizer, cosine_lr(epoch * steps + i, epochs * steps, warmup, base_lr, final=1e-6))
             idx = perm[i * B:(i + 1) * B]
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            with amp:
                 logits = model(augment(data.train_x[idx]))
             loss = F.cross_entropy(logits.float(), data.train_y[idx], label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            amp.backward(loss)
+            amp.step(optimizer)
             loss_sum += loss.detach()
         if (epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs:
             print(f"{name}: epoch {epoch + 1}/{epochs} loss {(loss_sum / steps).item():.4f} "
@@ -1405,7 +1501,7 @@ def fine_tune(backbone, data, mean_std, epochs, lr=1e-3, batch_size=256, weight_
     with torch.no_grad():
         for i in range(0, len(data.test_x), 1024):
             x = normalize_images(data.test_x[i:i + 1024].float() / 255, *mean_std)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            with amp:
                 correct += (model(x).argmax(1) == data.test_y[i:i + 1024]).sum().item()
     return correct / len(data.test_x)
 
@@ -1538,7 +1634,166 @@ def plot_curves(history, bars, path, title=""):
 
 
 # ============================================================================================
-# 7. A training run
+# 7. Several processes
+# `torchrun --nproc-per-node N simclr.py ...` starts N copies of a script, one per GPU (or N on
+# a CPU), and tells each its RANK (0..N-1), LOCAL_RANK (its GPU on this machine) and WORLD_SIZE
+# in the environment. Together they are one run: every process holds the whole model and
+# trains on its shard of each batch, B/N images; DDP averages the gradients over the processes
+# during the backward pass, so every process takes the step a single process would take on the
+# whole batch and the copies stay identical. What a method needs beyond that (SimCLR's
+# negatives from every process, MoCo's shared queue, DINO's shared centre) it asks of the three
+# collectives below, in its own file. With one process all of this is a no-op.
+# ============================================================================================
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch. Use --device cpu or auto.")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps: Apple's MPS backend is not available here. Use --device cpu or auto.")
+    return torch.device(name)
+
+
+def world_size():
+    """How many processes train this run: torchrun's WORLD_SIZE (1 for a plain `python`)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank():
+    """This process's number, 0..N-1 (torchrun's RANK)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main():
+    """Rank 0 writes the run's files, evaluates and prints; the others only train."""
+    return rank() == 0
+
+
+def init_distributed(device_flag):
+    """The device of this process, after joining the others when torchrun started several:
+    GPU LOCAL_RANK and NCCL on CUDA, gloo on a CPU (Apple's MPS has no collectives)."""
+    device = pick_device(device_flag)
+    if world_size() == 1 or dist.is_initialized():
+        return device
+    if device.type == "mps":
+        raise UserError("torchrun with --device mps: Apple's MPS backend has no collectives for several "
+                        "processes. Use --device cpu, or one process.")
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise UserError(f"torchrun started process {local} on a machine with {torch.cuda.device_count()} "
+                            f"visible GPU(s): give --nproc-per-node at most that many.")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    # The timeout bounds a wait for another process: rank 0 evaluates (kNN) while the others
+    # wait at the next collective. A process that fails makes torchrun stop the others.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)           # torchrun's way to stop the others
+    return device
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt                                    # run_main's message, the lock released
+
+
+def end_distributed():
+    """Leave the process group (once the DDP wrappers are gone: a live one at exit can abort)."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather that lets the gradient through: forward, every process's rows in rank order;
+    backward, each process gets the gradient of *every* process's loss with respect to its own
+    rows (an all_reduce sum of the incoming gradients, then its slice). DDP then averages over
+    the processes, which makes it the gradient of the mean loss over the whole batch. A plain
+    all_gather returns tensors without a history, so the other processes' losses would not
+    reach this process's rows: a silently wrong gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def gather_with_grad(x):
+    """x (n, ...) on each of N processes -> (N n, ...), rank 0's rows first, differentiable."""
+    return _GatherWithGrad.apply(x) if world_size() > 1 else x
+
+
+@torch.no_grad()
+def gather(x):
+    """x (n, ...) on each of N processes -> (N n, ...), rank 0's rows first; no gradient."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def all_mean(x):
+    """The mean of x over the processes (x itself with one)."""
+    if world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world_size()
+
+
+class DistributedDataParallel(nn.parallel.DistributedDataParallel):
+    """torch's DDP, through which a training step can still reach the model's own attributes
+    (model.queue, model.teacher), as it can through torch.compile's wrapper."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def distribute(model, device, sync_batchnorm=True):
+    """The module the training loop calls on several processes: rank 0's weights and buffers
+    copied to every process (same seed or not, all start equal), BatchNorm made global on CUDA
+    (SyncBatchNorm: statistics over the whole batch, as the papers' multi-GPU runs had;
+    gloo on a CPU has no SyncBatchNorm, so there each process normalises its own shard), and
+    DDP around it. Buffers are not re-sent at every forward: BatchNorm's running statistics
+    stay each process's own (rank 0's are the ones evaluated and saved), and MoCo's queue and
+    DINO's centre are kept equal by the methods themselves. EMA teachers inside the model have
+    no gradient, so DDP leaves them alone: each process updates its copy from the identical
+    student, and they stay identical. With one process, `model` itself."""
+    if world_size() == 1:
+        return model
+    if sync_batchnorm and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)   # same parameters: the optimizer keeps them
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t, 0)
+    no_resync = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   **({"forward_sync_buffers": False} if no_resync else {"broadcast_buffers": False}))
+
+
+# ============================================================================================
+# 8. A training run
 # The flags every method shares, checkpoints, and `Run`: the output folder, the log,
 # progress and evaluation, so that each method file keeps only its model, its loss and an
 # explicit training loop.
@@ -1638,20 +1893,6 @@ def parse_args(parser, argv, method):
     if args.out is None:
         args.out = str(Path(args.resume).parent) if args.resume else f"runs/{method}-{time.strftime('%Y%m%d-%H%M%S')}"
     return args
-
-
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch. Use --device cpu or auto.")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps: Apple's MPS backend is not available here. Use --device cpu or auto.")
-    return torch.device(name)
 
 
 def to_device(model, device):
@@ -1787,7 +2028,10 @@ class RunFolder:
         return int(text) if re.fullmatch(r"[0-9]{1,9}", text) and int(text) > 0 else None
 
     def release(self, litter=()):
-        """Drop the lock and delete `litter`; remove the folders this run made if they are empty."""
+        """Drop the lock and delete `litter`; remove the folders this run made if they are empty.
+        Nothing, in a process that never claimed the folder (ranks 1.. of a torchrun)."""
+        if not hasattr(self, "created"):
+            return
         for name in litter:
             (self.path / name).unlink(missing_ok=True)
         if self._owner() == os.getpid():
@@ -1913,31 +2157,47 @@ class Run:
         run = common.Run(args, "simclr")             # --out locked, the data on the device
         ... build the model and the optimizer ...
         run.start(model, optimizer, backbone)        # the folder; resume, or the random-init bars
+        train_model = run.wrap(model)                # DDP on several processes, else model
         for epoch in range(run.start_epoch, args.epochs):
             for step, idx in run.batches(epoch):      # idx: (B,) indices into run.data.train_x
-                ... augment, forward, loss, backward, optimizer step ...
+                ... augment, forward (train_model), loss, run.amp.backward, run.amp.step ...
                 run.log_step(loss, embeddings)        # accumulated on the device: no host sync
             run.end_epoch(epoch)                      # checks, kNN, checkpoint, log line
         run.finish()                                  # encoder.pt, curves.png, summary.json
 
     It reads the flags of make_parser and the method's --epochs and --batch-size, and
     changes none of them. Method state (MoCo's queue, DINO's centre) lives in the model's
-    buffers, so the checkpoint's state_dict carries it."""
+    buffers, so the checkpoint's state_dict carries it.
+
+    Under torchrun (section 7) every process runs the same script and the run is still one:
+    run.batches yields each process its shard of every batch, the shards of a step joined in
+    rank order being the batch of a single process (one permutation per epoch, drawn by rank 0
+    and sent to the others); each process augments with its own random stream; rank 0 alone
+    holds the lock and writes, evaluates and prints. `run.wrap(model)` is the module to train
+    (DDP on several processes). --batch-size stays the global batch, so learning rates and
+    schedules are those of one process."""
 
     def __init__(self, args, method):
         self.args, self.method = args, method
-        self.device = pick_device(args.device)
+        self.world = world_size()
+        if args.batch_size % self.world:
+            raise UserError(f"--batch-size {args.batch_size} is the batch of the whole run, split over the "
+                            f"{self.world} processes torchrun started; it must be a multiple of {self.world}.")
+        self.device = init_distributed(args.device)
+        self.main, self.rank = is_main(), rank()
+        self.local_batch = args.batch_size // self.world      # this process's shard of every batch
         self.history, self.train_seconds, self.start_epoch, self.checkpoints = [], 0.0, 0, 0
         self.litter = set()                                    # what to delete if no checkpoint gets written
         self.folder = RunFolder(Path(args.out))
         self.out = self.folder.path
         # Claim the folder before the data loads: a second run into it stops at once, and the
         # check below is made under the lock, so no two runs can both pass it.
-        self.folder.claim()
+        if self.main:
+            self.folder.claim()
         atexit.register(self.release)
         ACTIVE["run"] = self
         ckpt = self.out / "checkpoint.pt"
-        if _kind(ckpt, "--out") and not (args.resume and _same_file(Path(args.resume), ckpt)):
+        if self.main and _kind(ckpt, "--out") and not (args.resume and _same_file(Path(args.resume), ckpt)):
             raise UserError(f"--out {self.out} already holds a run (checkpoint.pt). Continue it with "
                             f"--resume {ckpt}, or choose another --out.")
         torch.manual_seed(args.seed)
@@ -1952,53 +2212,75 @@ class Run:
         self.total_steps = self.steps_per_epoch * args.epochs
         if args.linear_probe and not data.labeled:
             print("note: --linear-probe needs labels on a train and a test split; there is none.", file=sys.stderr)
-        print(f"{method}: {len(data.train_x)} training images from {data.name} "
-              f"({'labeled' if data.labeled else 'unlabeled, no kNN'}), loaded in {time.time() - t0:.1f}s, "
-              f"device {self.device}, output {self.out}", file=sys.stderr)
         cuda = self.device.type == "cuda"
         torch.backends.cudnn.benchmark = cuda
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda
-        # One autocast context, chosen once: bf16 on CUDA (the matrix units' fast type, fp32's range).
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and not args.fp32 else nullcontext()
+        # The number format, chosen once: bf16 on recent GPUs, fp16 with loss scaling on older ones.
+        self.amp = Precision(self.device, pick_precision(self.device, args.fp32))
+        processes = f", {self.world} processes of {self.local_batch} images a step" if self.world > 1 else ""
+        self.print(f"{method}: {len(data.train_x)} training images from {data.name} "
+                   f"({'labeled' if data.labeled else 'unlabeled, no kNN'}), loaded in {time.time() - t0:.1f}s, "
+                   f"device {self.device}{processes}, {self.amp.kind}, output {self.out}")
+
+    def print(self, *a, **kw):
+        """Print to stderr, from rank 0 only."""
+        if self.main:
+            print(*a, file=sys.stderr, **kw)
+
+    def wrap(self, model, sync_batchnorm=True):
+        """The module the training loop calls: DDP on several processes (distribute, section 7),
+        then torch.compile with --compile. Call it after start(), which evaluates the untrained
+        model on rank 0 alone."""
+        model = distribute(model, self.device, sync_batchnorm)
+        return torch.compile(model) if self.args.compile else model
 
     def start(self, model, optimizer, backbone):
         """Restore the checkpoint or measure the random-init kNN; the log is rewritten from the
         history. Nothing is written before, so bad input leaves no file."""
         self.model, self.optimizer, self.backbone = model, optimizer, backbone
-        if self.args.resume:
+        if self.args.resume:                                   # every process reads the same checkpoint
             c = restore(Path(self.args.resume), self.method, model, optimizer)
+            self.amp.load_state_dict(c.get("amp", {}))
             self.start_epoch, self.history, self.bars = c["epoch"], c["history"], c["bars"]
             self.train_seconds, self.weight_norm_init = c["train_seconds"], c["weight_norm_init"]
-            print(f"resumed from {self.args.resume} at epoch {self.start_epoch}", file=sys.stderr)
+            self.print(f"resumed from {self.args.resume} at epoch {self.start_epoch}")
         else:
             self.weight_norm_init = weight_norm(model)
-            self.bars = random_init_bars(backbone, self.data, self.mean_std)
-            if self.data.labeled:
-                print(f"kNN top-1 of the random-init encoder: {_bars(**self.bars)}", file=sys.stderr)
-        self.litter.add("log.jsonl")
-        write_log(self.history, self.out / "log.jsonl")
+            self.bars = random_init_bars(backbone, self.data, self.mean_std) if self.main else None
+            if self.main and self.data.labeled:
+                self.print(f"kNN top-1 of the random-init encoder: {_bars(**self.bars)}")
+        if self.rank > 0:
+            # Each process its own augmentations (and MAE its own masks): a stream of its own,
+            # new at each start so that a resumed run does not repeat its first epoch's.
+            torch.manual_seed(hash((self.args.seed, self.rank, self.start_epoch)) % 2**63)
+        if self.main:
+            self.litter.add("log.jsonl")
+            write_log(self.history, self.out / "log.jsonl")
 
     def release(self):
         """Drop the lock; a run stopped before a checkpoint was in its folder leaves no litter."""
         self.folder.release(() if (self.out / "checkpoint.pt").exists() else self.litter)
 
     def batches(self, epoch, order=None):
-        """Yield (global step, indices (B,)) for one epoch, drop_last. `order`: the images to
-        visit, at least steps_per_epoch * B indices (default: a fresh permutation of all)."""
+        """Yield (global step, indices) for one epoch, drop_last: the batch's B indices, or
+        with N processes this process's B/N of them. `order`: the images to visit, at least
+        steps_per_epoch * B indices (default: a fresh permutation of all); rank 0's is used."""
         self.model.train()
         self._epoch, self._t0, self._t_print, self._n = epoch, time.time(), time.time(), 0
         self._sums = torch.zeros(2, device=self.device)       # loss, collapse monitor
-        B = self.args.batch_size
+        B, n = self.args.batch_size, self.local_batch
         order = torch.randperm(len(self.data.train_x), device=self.device) if order is None else order
-        for i in range(self.steps_per_epoch):
-            yield epoch * self.steps_per_epoch + i, order[i * B:(i + 1) * B]
+        if self.world > 1:
+            dist.broadcast(order, 0)                           # one order for the run: rank 0's
+        for i in range(self.steps_per_epoch):                  # shards of batch i: rank r takes rows r*n..(r+1)*n
+            yield epoch * self.steps_per_epoch + i, order[i * B + self.rank * n:i * B + (self.rank + 1) * n]
 
     def log_step(self, loss, embeddings):
         """Accumulate the loss and the collapse monitor of `embeddings` (N, D) on the device;
         read them back (one sync) only when printing progress."""
         self._sums += torch.stack([loss.detach().float(), embedding_std(embeddings)])
         self._dim, self._n = embeddings.shape[1], self._n + 1
-        if time.time() - self._t_print >= (1.0 if sys.stderr.isatty() else 30.0):
+        if self.main and time.time() - self._t_print >= (1.0 if sys.stderr.isatty() else 30.0):
             self._t_print, done, elapsed = time.time(), self._n / self.steps_per_epoch, time.time() - self._t0
             left = (self.args.epochs - self._epoch - done) * elapsed / done
             line = (f"epoch {self._epoch + 1}/{self.args.epochs} {100 * done:3.0f}% loss {self._sums[0].item() / self._n:.4f}"
@@ -2011,21 +2293,24 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.time() - self._t0
-        loss, std = (self._sums / self._n).tolist()
+        loss, std = (all_mean(self._sums) / self._n).tolist()  # over the processes: the whole batch's
         growth = (weight_norm(self.model) / self.weight_norm_init).item()
         check_training(loss, growth, epoch, self.out / "checkpoint.pt")
         self.train_seconds += seconds
         rec = {"epoch": epoch + 1, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                "emb_std": std, "emb_std_ref": 1 / math.sqrt(self._dim), "weight_norm_growth": growth,
                "seconds": seconds, "images_per_s": self.steps_per_epoch * self.args.batch_size / seconds}
+        self.history.append(rec)
+        if not self.main:                                      # the rest is rank 0's
+            return
         every = self.args.eval_every
         if self.data.labeled and (epoch + 1 == self.args.epochs or (every and (epoch + 1) % every == 0)):
             rec["knn_top1"] = knn_top1(self.backbone, self.data, self.mean_std)
-        self.history.append(rec)
         save_atomic({"method": self.method, "args": vars(self.args), "epoch": epoch + 1,
                      "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
                      "history": self.history, "bars": self.bars, "train_seconds": self.train_seconds,
-                     "weight_norm_init": self.weight_norm_init}, self.out / "checkpoint.pt")
+                     "weight_norm_init": self.weight_norm_init, "amp": self.amp.state_dict(),
+                     "processes": self.world}, self.out / "checkpoint.pt")
         self.checkpoints += 1
         write_log(self.history, self.out / "log.jsonl")
         knn = f" kNN {100 * rec['knn_top1']:.2f}%" if "knn_top1" in rec else ""
@@ -2035,13 +2320,18 @@ class Run:
 
     def save_views(self, augments):
         """views.png, drawn on a forked RNG: the picture must not change the run's random stream."""
+        if not self.main:
+            return
         self.litter.add("views.png")
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.device.type == "cuda" else []):
             save_views(augments, self.data.test_x if self.data.test_x is not None else self.data.train_x,
                        self.out / "views.png")
 
     def finish(self):
-        """Export the encoder, fit the linear probe if asked, write summary.json and curves.png."""
+        """Export the encoder, fit the linear probe if asked, write summary.json and curves.png;
+        return the summary (None on ranks 1.., which have nothing left to do)."""
+        if not self.main:
+            return None
         save_atomic(self.backbone.state_dict(), self.out / "encoder.pt")
         epoch_s = float(np.median([h["seconds"] for h in self.history[1:] or self.history]))   # steady state
         summary = {
@@ -2049,7 +2339,8 @@ class Run:
             "batch_size": self.args.batch_size, "knn_top1": self.history[-1].get("knn_top1"),
             **self.bars, "train_seconds": self.train_seconds, "epoch_seconds": epoch_s,
             "images_per_s": self.steps_per_epoch * self.args.batch_size / epoch_s,
-            "device": device_name(self.device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "device": device_name(self.device), "processes": self.world, "precision": self.amp.kind,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             **peak_memory(self.device), "image_size": self.data.image_size, "args": vars(self.args)}
         if self.args.linear_probe and self.data.labeled:
             summary["linear_top1"] = linear_probe(self.backbone, self.data, self.mean_std)
@@ -2067,20 +2358,33 @@ def run_main(main):
     """Run a script's main(): a problem with the input becomes a one-paragraph message and exit
     code 2, never a traceback; Ctrl-C says what there is to resume."""
     ACTIVE.pop("run", None)                                    # a run of an earlier main() in this process
+    who = f"[process {rank()} of {world_size()}] " if world_size() > 1 else ""
     try:
         main()
     except (UserError, MemoryError, RuntimeError) as e:
-        if not isinstance(e, UserError) and not _out_of_memory(e):
+        message = e if isinstance(e, UserError) else _out_of_memory(e) or _peer_failed(e)
+        if not message:
             raise
         if ACTIVE.get("run"):
             ACTIVE["run"].release()
-        print(f"error: {e if isinstance(e, UserError) else _out_of_memory(e)}", file=sys.stderr)
+        print(f"{who}error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if ACTIVE.get("run"):
             ACTIVE["run"].release()
-        print(f"\n{_what_to_resume(ACTIVE.get('run'))}", file=sys.stderr)
+        if is_main():
+            print(f"\n{_what_to_resume(ACTIVE.get('run'))}", file=sys.stderr)
         sys.exit(130)
+    end_distributed()
+
+
+def _peer_failed(e):
+    """The message for a collective that failed because another process of the run stopped."""
+    if world_size() > 1 and (isinstance(e, getattr(dist, "DistError", ())) or
+                             re.search(r"Connection (closed|reset) by peer|NCCL|gloo", str(e))):
+        return (f"another process of this run stopped (its message is above), so this one stops too "
+                f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}).")
+    return None
 
 
 def _out_of_memory(e):

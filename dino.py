@@ -33,6 +33,7 @@ Run:
     make exp-attention                                      # a ViT's attention maps against the true masks
     python dino.py --arch resnet18 --epochs 200             # CIFAR-10, one GPU, lightly's recipe
     python dino.py --epochs 200                             # CIFAR-10, one GPU, ViT-Tiny/4, the paper's
+    torchrun --standalone --nproc-per-node 4 dino.py --epochs 200   # the same on 4 GPUs (README, "Several GPUs")
 
 Results: README.md, "A demo per method"; docs/results.md.
 """
@@ -277,8 +278,10 @@ def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp):
 
 @torch.no_grad()
 def update_center(center, teacher_out, momentum):
-    """c <- m c + (1 - m) mean_b g_t(x_b), over both global crops; teacher_out (2, B, K)."""
-    return center * momentum + teacher_out.float().mean((0, 1)) * (1 - momentum)
+    """c <- m c + (1 - m) mean_b g_t(x_b), over both global crops; teacher_out (2, B, K). On
+    several processes the mean is over every process's crops (the official code's all_reduce),
+    so that the centre stays the same everywhere."""
+    return center * momentum + common.all_mean(teacher_out.float().mean((0, 1))) * (1 - momentum)
 
 
 def teacher_temperature(step, warmup_steps, start, end):
@@ -297,23 +300,24 @@ def clip_gradients(params, max_norm):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, global_crops, local_crops, teacher_temp, momentum, args, autocast,
+def train_step(model, optimizer, global_crops, local_crops, teacher_temp, momentum, args, amp,
                freeze_last_layer=False):
     """Returns the loss and the student's logits for the first global crops (for the collapse
     monitor). The teacher and the centre follow the student after the step."""
     B = global_crops.shape[0] // 2
-    with autocast:
+    with amp:
         s, t = model(global_crops, local_crops)                # (S*B, K), (2B, K)
         s = s.view(-1, B, s.shape[-1])                         # (S, B, K)
         t = t.view(2, B, t.shape[-1])                          # (2, B, K)
         loss = dino_loss(s, t, model.center, args.student_temp, teacher_temp)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    amp.backward(loss)
     if args.clip_grad:
+        amp.unscale(optimizer)                                 # fp16: clip the true gradients
         clip_gradients(model.student.parameters(), args.clip_grad)
     if freeze_last_layer:
         model.student[1].prototypes.grad = model.student[1].gain.grad = None   # the optimizer skips them
-    optimizer.step()
+    amp.step(optimizer)
     common.ema_update(model.teacher, model.student, momentum)
     model.center.copy_(update_center(model.center, t, args.center_momentum))
     return loss, s[0]
@@ -384,10 +388,10 @@ def main(argv=None):
     run.start(model, optimizer, teacher_backbone)
     global1, global2, local = dino_augments(run.mean_std, run.data.image_size, local_size, args.min_scale)
     run.save_views([global1, global2, local] if args.local_crops else [global1, global2])
-    train_model = torch.compile(model) if args.compile else model
+    train_model = run.wrap(model)
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
+        for step, idx in run.batches(epoch):                   # idx: this step's images, B (B/N on each of N processes)
             common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr, final=1e-6))
             wd = common.cosine_schedule(step, run.total_steps, args.weight_decay, args.weight_decay_end)
             for group in optimizer.param_groups:               # the matrices' weight decay rises; 0 elsewhere
@@ -398,11 +402,11 @@ def main(argv=None):
             global_crops = torch.cat([global1(x), global2(x)])   # (2B, 3, H, W)
             local_crops = local(x.repeat(args.local_crops, 1, 1, 1)) if args.local_crops else None   # (MB, 3, h, w)
             loss, s1 = train_step(train_model, optimizer, global_crops, local_crops, temp, momentum, args,
-                                  run.autocast, freeze_last_layer=step < frozen)
+                                  run.amp, freeze_last_layer=step < frozen)
             run.log_step(loss, s1)
         run.end_epoch(epoch)
 
-    if isinstance(teacher_backbone, common.ViT):
+    if isinstance(teacher_backbone, common.ViT) and run.main:
         src = run.data.test_x if run.data.test_x is not None else run.data.train_x
         save_attention(teacher_backbone, src[:8], run.mean_std, run.out / "attention.png")
     run.finish()

@@ -27,6 +27,7 @@ Run:
     python mae.py --data shapes --image-size 16 --patch-size 4 --depth 4 --decoder-depth 2 --lr 1e-3 \
         --batch-size 256 --epochs 20 --finetune-epochs 0 --eval-every 5
     python mae.py             # CIFAR-10 on one GPU: the defaults are the recipe (ViT-Tiny/4, batch 512)
+    torchrun --standalone --nproc-per-node 4 mae.py   # the same run on 4 GPUs (README, "Several GPUs")
     make exp-mask-ratio       # the mask ratio, probed and fine-tuned
 
 Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)
@@ -233,14 +234,14 @@ def mae_loss(pred, target, mask):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, imgs, args, autocast):
+def train_step(model, optimizer, imgs, args, amp):
     """Returns the loss and the encoder's [CLS] feature (for the collapse monitor)."""
-    with autocast:
+    with amp:
         pred, mask, cls = model(imgs, args.mask_ratio)         # (B, L, p*p*3), (B, L), (B, D)
         loss = mae_loss(pred, patch_targets(imgs, args.patch_size, args.norm_pix_loss), mask)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    amp.backward(loss)
+    amp.step(optimizer)
     return loss, cls
 
 
@@ -313,16 +314,18 @@ def main(argv=None):
     augment = common.Augment(run.data.image_size, scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0,
                              mean=run.mean_std[0], std=run.mean_std[1])
     run.save_views([augment])
-    train_model = torch.compile(model) if args.compile else model
+    train_model = run.wrap(model)
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
+        for step, idx in run.batches(epoch):                   # idx: this step's images, B (B/N on each of N processes)
             common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
             x = augment(run.data.train_x[idx])                 # (B, 3, H, W) fp32
-            loss, cls = train_step(train_model, optimizer, x, args, run.autocast)
+            loss, cls = train_step(train_model, optimizer, x, args, run.amp)
             run.log_step(loss, cls)
         run.end_epoch(epoch)
 
+    if not run.main:                                           # the pictures and the fine-tuning: rank 0's
+        return
     src = run.data.test_x if run.data.test_x is not None else run.data.train_x
     save_reconstructions(model, src[:8], run.mean_std, args, run.out / "reconstructions.png")
     summary = run.finish()

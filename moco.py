@@ -21,6 +21,7 @@ Run:
     python moco.py --data shapes --image-size 16 --width 16 --min-scale 0.6 --batch-size 128 \
         --epochs 16 --queue-size 1024 --proj-bn --momentum-end 0.99 --eval-every 5
     python moco.py            # CIFAR-10 on one GPU: the defaults are the recipe (batch 512, 200 epochs)
+    torchrun --standalone --nproc-per-node 4 moco.py   # the same run on 4 GPUs (README, "Several GPUs")
 
 Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)
 and docs/results.md; the CIFAR-10 recipe on a GPU is not measured yet.
@@ -237,7 +238,7 @@ def moco_loss(q, k, queue, temperature):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, x1, x2, momentum, args, autocast):
+def train_step(model, optimizer, x1, x2, momentum, args, amp):
     """Symmetric: both views in one batch as queries (x1 then x2) and, in the opposite order,
     as keys, so row i of the keys is the positive of row i of the queries. The mean of
     moco_loss over those 2N rows is exactly the mean of the two one-way losses. With the
@@ -248,15 +249,17 @@ def train_step(model, optimizer, x1, x2, momentum, args, autocast):
         x_q, x_k = torch.cat([x1, x2]), torch.cat([x2, x1])   # (2N, 3, H, W) each
     else:
         x_q, x_k = x1, x2
-    with autocast:
+    with amp:
         q, k = model(x_q, x_k)                                 # (2N, D) or (N, D)
         loss = moco_loss(q, k, model.queue, args.temperature)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    amp.backward(loss)
+    amp.step(optimizer)
     # One queue takes the keys of both views (2N a step), as the paper's single queue; solo-learn's
     # MoCo v2+ keeps one queue per view. After the loss: a key is never its own negative.
-    model.push(k)
+    # On several processes the keys of every process enter the queue, rank 0's first (the
+    # official code's concat_all_gather), so that every process keeps the same queue.
+    model.push(common.gather(k))
     return loss, q[:x1.shape[0]]
 
 
@@ -267,10 +270,11 @@ def train_step(model, optimizer, x1, x2, momentum, args, autocast):
 def main(argv=None):
     parser = make_parser()
     args = common.parse_args(parser, argv, "moco")
-    rows = args.batch_size * (2 if args.symmetric else 1)
+    # The images one process's encoder sees per step (all of them on one process).
+    rows = args.batch_size // common.world_size() * (2 if args.symmetric else 1)
     if rows % args.bn_splits:
         parser.error(f"--bn-splits {args.bn_splits} must divide the {rows} images the encoder sees per step "
-                     f"(--batch-size {args.batch_size})")
+                     f"(--batch-size {args.batch_size}{' over ' + str(common.world_size()) + ' processes' if common.world_size() > 1 else ''})")
     run = common.Run(args, "moco")
 
     backbone = common.build_backbone(args.arch, run.data.image_size, args.width, args.patch_size, args.depth)
@@ -284,15 +288,17 @@ def main(argv=None):
     run.start(model, optimizer, model.backbone)
     augment = moco_augment(run.mean_std, run.data.image_size, args.min_scale)
     run.save_views([augment])
-    train_model = torch.compile(model) if args.compile else model
+    # BatchNorm stays per process (no SyncBatchNorm): each process's groups act as the paper's
+    # GPUs, and the key shuffle stays inside a process (the official code shuffles across GPUs).
+    train_model = run.wrap(model, sync_batchnorm=False)
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
+        for step, idx in run.batches(epoch):                   # idx: this step's images, B (B/N on each of N processes)
             common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
             momentum = common.cosine_schedule(step, run.total_steps, args.momentum, args.momentum_end)
             x = run.data.train_x[idx]                          # (B, 3, H, W) uint8, on the device
             x1, x2 = augment(x), augment(x)                    # (B, 3, H, W) fp32 each
-            loss, q1 = train_step(train_model, optimizer, x1, x2, momentum, args, run.autocast)
+            loss, q1 = train_step(train_model, optimizer, x1, x2, momentum, args, run.amp)
             run.log_step(loss, q1)
         run.end_epoch(epoch)
     run.finish()

@@ -145,13 +145,13 @@ def rotation_loss(logits, y):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, x, y, autocast):
-    with autocast:
+def train_step(model, optimizer, x, y, amp):
+    with amp:
         logits, h = model(x)                                   # (B, 4), (B, dim)
         loss = rotation_loss(logits, y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    amp.backward(loss)
+    amp.step(optimizer)
     return loss, h
 
 
@@ -181,18 +181,20 @@ def main(argv=None):
     run.start(model, optimizer, model.backbone)
     augment = rotation_augment(run.mean_std, run.data.image_size, args.min_scale)
     run.save_views([augment, Rotated(augment)])
-    train_model = torch.compile(model) if args.compile else model
+    train_model = run.wrap(model)
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
+        for step, idx in run.batches(epoch):                   # idx: this step's images, B (B/N on each of N processes)
             common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
             x = augment(run.data.train_x[idx])                 # (B, 3, H, W) fp32, on the device
             x, y = random_rotations(x)                         # (B, 3, H, W), (B,) in 0..3
-            loss, h = train_step(train_model, optimizer, x, y, run.autocast)
+            loss, h = train_step(train_model, optimizer, x, y, run.amp)
             run.log_step(loss, h)
         run.end_epoch(epoch)
 
     summary = run.finish()
+    if summary is None:                                        # ranks 1.. of a torchrun: rank 0 reports
+        return
     if run.data.test_x is not None:
         summary["test_rotation_top1"] = test_rotation_top1(model, run.data, run.mean_std, args.seed)
         common.write_json(summary, run.out / "summary.json")

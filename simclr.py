@@ -14,6 +14,7 @@ Run:
     python simclr.py --data shapes --image-size 16 --width 16 --min-scale 0.6 --batch-size 256 \
         --epochs 20 --warmup-epochs 2 --eval-every 5
     python simclr.py          # CIFAR-10 on one GPU: the defaults are the recipe (batch 512, 200 epochs)
+    torchrun --standalone --nproc-per-node 4 simclr.py   # the same run on 4 GPUs (README, "Several GPUs")
 
 Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)
 and docs/results.md; the CIFAR-10 recipe on a GPU is not measured yet.
@@ -118,14 +119,24 @@ def info_nce(z1, z2, temperature):
     with sim the cosine similarity, j the other view of i's image, k over the 2N-1 views
     other than i itself. Returned: the mean of l over all 2N anchors, written as a
     cross-entropy whose "class" is the index of the positive among the 2N-1 candidates.
-    Computed in fp32 with autocast off: a bf16 matmul divided by tau is not this formula."""
-    N = z1.shape[0]
+    Computed in fp32 with autocast off: a bf16 matmul divided by tau is not this formula.
+
+    On P processes (torchrun) each holds n = N/P images of the batch: its 2n views are the
+    anchors, and the candidates are the 2N views of every process, gathered with their
+    gradient (common.gather_with_grad), as in the paper's TPU code. DDP averages the P losses,
+    which is the loss over all 2N anchors above. With one process, n = N."""
+    n = z1.shape[0]
     with torch.autocast(z1.device.type, enabled=False):
-        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)   # (2N, D) on the unit sphere
-        logits = z @ z.T / temperature                         # (2N, 2N)
-        self_mask = torch.eye(2 * N, dtype=torch.bool, device=z.device)
-        logits = logits.masked_fill(self_mask, float("-inf"))  # a view is not its own candidate
-        positive = (torch.arange(2 * N, device=z.device) + N) % (2 * N)   # (2N,): i's other view
+        z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)   # on the unit sphere
+        anchors = torch.cat([z1, z2])                          # (2n, D): this process's views
+        cand = torch.cat([common.gather_with_grad(z1), common.gather_with_grad(z2)])   # (2N, D), rank order
+        N = cand.shape[0] // 2
+        logits = anchors @ cand.T / temperature                # (2n, 2N)
+        mine = common.rank() * n + torch.arange(n, device=z1.device)   # (n,): this process's images in the batch
+        self_col = torch.cat([mine, mine + N])                 # (2n,): where each anchor is among the candidates
+        positive = torch.cat([mine + N, mine])                 # (2n,): its other view
+        rows = torch.arange(2 * n, device=z1.device)
+        logits[rows, self_col] = float("-inf")                 # a view is not its own candidate
         return F.cross_entropy(logits, positive)
 
 
@@ -133,17 +144,17 @@ def info_nce(z1, z2, temperature):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, x1, x2, temperature, autocast):
+def train_step(model, optimizer, x1, x2, temperature, amp):
     """Both views in one forward pass: one large batch keeps the GPU busy, and BatchNorm
     sees the statistics of both views together, as in the paper's code (solo-learn encodes
     the views one at a time)."""
-    with autocast:
+    with amp:
         z = model(torch.cat([x1, x2]))                         # (2N, D)
         z1, z2 = z.chunk(2)                                    # (N, D) each
         loss = info_nce(z1, z2, temperature)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    amp.backward(loss)
+    amp.step(optimizer)
     return loss, z1
 
 
@@ -163,14 +174,14 @@ def main(argv=None):
     run.start(model, optimizer, model.backbone)
     augment = simclr_augment(run.mean_std, run.data.image_size, args.min_scale, args.color_strength, args.drop_aug)
     run.save_views([augment])
-    train_model = torch.compile(model) if args.compile else model
+    train_model = run.wrap(model)
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
+        for step, idx in run.batches(epoch):                   # idx: this step's images, B (B/N on each of N processes)
             common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
             x = run.data.train_x[idx]                          # (B, 3, H, W) uint8, on the device
             x1, x2 = augment(x), augment(x)                    # (B, 3, H, W) fp32 each
-            loss, z1 = train_step(train_model, optimizer, x1, x2, args.temperature, run.autocast)
+            loss, z1 = train_step(train_model, optimizer, x1, x2, args.temperature, run.amp)
             run.log_step(loss, z1)
         run.end_epoch(epoch)
     run.finish()

@@ -19,6 +19,7 @@ Run:
     python simsiam.py --data shapes --image-size 16 --width 16 --min-scale 0.6 --batch-size 256 \
         --epochs 16 --eval-every 5
     python simsiam.py         # CIFAR-10 on one GPU: the defaults are the recipe (batch 512, 200 epochs)
+    torchrun --standalone --nproc-per-node 4 simsiam.py   # the same run on 4 GPUs (README, "Several GPUs")
     make exp-collapse         # with and without the stop-gradient (--no-stop-grad collapses)
 
 Results: README.md, "A demo per method" (the demo; its figures are in results/demos.json)
@@ -135,17 +136,17 @@ def simsiam_loss(p, z, stop_grad=True):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, x1, x2, stop_grad, autocast):
+def train_step(model, optimizer, x1, x2, stop_grad, amp):
     """Each view through the one shared network in its own forward pass, so BatchNorm
     normalises each with its own statistics (the paper's code); the symmetrised loss
     L = D(p1, z2)/2 + D(p2, z1)/2 of eq. (4)."""
-    with autocast:
+    with amp:
         p1, z1 = model(x1)                                     # (N, D) each
         p2, z2 = model(x2)
         loss = simsiam_loss(p1, z2, stop_grad) / 2 + simsiam_loss(p2, z1, stop_grad) / 2
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    amp.backward(loss)
+    amp.step(optimizer)
     return loss, z1
 
 
@@ -169,10 +170,10 @@ def main(argv=None):
     run.start(model, optimizer, model.backbone)
     augment = simsiam_augment(run.mean_std, run.data.image_size, args.min_scale)
     run.save_views([augment])
-    train_model = torch.compile(model) if args.compile else model
+    train_model = run.wrap(model)
 
     for epoch in range(run.start_epoch, args.epochs):
-        for step, idx in run.batches(epoch):                   # idx: (B,) this step's images
+        for step, idx in run.batches(epoch):                   # idx: this step's images, B (B/N on each of N processes)
             common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
             if args.fixed_pred_lr:
                 for group in optimizer.param_groups:
@@ -180,7 +181,7 @@ def main(argv=None):
                         group["lr"] = base_lr
             x = run.data.train_x[idx]                          # (B, 3, H, W) uint8, on the device
             x1, x2 = augment(x), augment(x)                    # (B, 3, H, W) fp32 each
-            loss, z1 = train_step(train_model, optimizer, x1, x2, args.stop_grad, run.autocast)
+            loss, z1 = train_step(train_model, optimizer, x1, x2, args.stop_grad, run.amp)
             run.log_step(loss, z1)
         run.end_epoch(epoch)
     run.finish()

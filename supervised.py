@@ -100,13 +100,13 @@ def supervised_loss(logits, y, label_smoothing=0.0):
 # One training step
 # ============================================================================================
 
-def train_step(model, optimizer, x, y, label_smoothing, autocast):
-    with autocast:
+def train_step(model, optimizer, x, y, label_smoothing, amp):
+    with amp:
         logits, h = model(x)                                   # (B, C), (B, dim)
         loss = supervised_loss(logits, y, label_smoothing)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    amp.backward(loss)
+    amp.step(optimizer)
     return loss, h
 
 
@@ -172,18 +172,20 @@ def main(argv=None):
     pool = label_subset(run.data.train_y, args.label_fraction, args.seed).to(run.device)
     print(f"supervised: {len(pool)} labelled training images ({100 * args.label_fraction:g}% of the labels)",
           file=sys.stderr)
-    train_model = torch.compile(model) if args.compile else model
+    train_model = run.wrap(model)
 
     for epoch in range(run.start_epoch, args.epochs):
         order = labeled_order(pool, run.steps_per_epoch * args.batch_size)
         for step, idx in run.batches(epoch, order):            # idx: (B,) this step's labelled images
             common.set_lr(optimizer, common.cosine_lr(step, run.total_steps, warmup, base_lr))
             x, y = augment(run.data.train_x[idx]), run.data.train_y[idx]   # (B, 3, H, W) fp32, (B,)
-            loss, h = train_step(train_model, optimizer, x, y, args.label_smoothing, run.autocast)
+            loss, h = train_step(train_model, optimizer, x, y, args.label_smoothing, run.amp)
             run.log_step(loss, h)
         run.end_epoch(epoch)
 
     summary = run.finish()
+    if summary is None:                                        # ranks 1.. of a torchrun: rank 0 reports
+        return
     summary["labeled_images"] = len(pool)
     summary["test_top1"] = test_top1(model, run.data, run.mean_std)
     common.write_json(summary, run.out / "summary.json")
