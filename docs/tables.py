@@ -173,14 +173,16 @@ def augment(results):
     return table(["augmentation", "kNN top-1 %", "vs full"], rows) + source("augment", d["config"])
 
 
-def pretext(results):
-    if not (results / "pretext.json").exists():
+def pretext(results, name="pretext"):
+    """`make exp-pretext` on shapes (pretext.json) or on CIFAR-10 (pretext_cifar10.json: the same
+    command with DATA= at the laptop budget, its results renamed)."""
+    if not (results / f"{name}.json").exists():
         return "Not measured yet: `make exp-pretext`.\n"
-    d = load(results, "pretext")
+    d = load(results, name)
     rows = [(r["method"], r["objective"], ARCH.get(r["arch"], r["arch"]), pct(r["knn_top1"]), pct(r["linear_top1"]),
              pct(r["task_top1"])) for r in d["rows"]]
     return (table(["encoder", "objective", "backbone", "kNN %", "linear probe %", "own task top-1 %"], rows)
-            + source("pretext", d["config"]))
+            + source(name, d["config"]))
 
 
 def attention(results):
@@ -205,7 +207,8 @@ def compare(results):
 
 TABLES = {"demos": demos, "demo-output": demo_output, "laptop": laptop, "temperature": temperature,
           "mask-ratio": mask_ratio, "collapse": collapse, "labels": labels, "augment": augment, "compare": compare,
-          "pretext": pretext, "attention": attention}
+          "pretext": pretext, "pretext-cifar10": lambda results: pretext(results, "pretext_cifar10"),
+          "attention": attention}
 
 
 # --- rewriting the documents -----------------------------------------------------------------
