@@ -67,7 +67,7 @@ DEMO_moco := moco.py $(DEMO_RESNET) --batch-size 128 --epochs 16 --queue-size 10
 DEMO_byol := byol.py $(DEMO_RESNET) --batch-size 256 --epochs 16 --tau-base 0.8
 DEMO_simsiam := simsiam.py $(DEMO_RESNET) --batch-size 256 --epochs 16
 DEMO_rotation := rotation.py $(DEMO_RESNET) --batch-size 256 --epochs 30 --warmup-epochs 1
-DEMO_dino := dino.py $(DEMO_RESNET) --arch resnet18 --batch-size 64 --epochs 10
+DEMO_dino := dino.py $(DEMO_RESNET) --arch resnet18 --batch-size 64 --epochs 20
 DEMO_mae := mae.py $(DEMO) --batch-size 256 --patch-size 4 --depth 4 --decoder-depth 2 --lr 1e-3 --epochs 20 \
             --finetune-epochs 0
 
