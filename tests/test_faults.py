@@ -303,8 +303,12 @@ def test_a_full_disk_at_any_write_is_a_message_naming_the_file(tmp_path, monkeyp
 
 # --- 11: Ctrl-C says what there is to resume, whenever it comes ---------------------------------
 
-def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch, capsys, request):
     import signal
+    # Ctrl-C as a terminal delivers it: a suite started in the background (`nohup ... &`) inherits
+    # SIGINT ignored, and the run then rightly has no Ctrl-C to defer.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, old))
     real_save = torch.save
 
     def interrupted_save(obj, f):
