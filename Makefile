@@ -21,7 +21,7 @@
 #                       true shape masks (32 px shapes, its own sizes; EPOCHS= is not passed)
 # make compare          the six methods, supervised and rotation under one recipe: accuracy, time, memory
 # make experiments      all of the above
-# make laptop CIFAR=path/to/cifar10-jpg.tar.gz   the six methods and supervised on CIFAR-10, on 2 CPU cores
+# make laptop CIFAR=path/to/cifar10-jpg.tar.gz   the six methods, supervised and rotation on CIFAR-10, on 2 CPU cores
 # make tables  rewrite the tables of README.md and docs/*.md from results/*.json (docs/tables.py)
 
 PYTHON ?= python3
@@ -93,7 +93,7 @@ exp-attention: $(VENV)/.installed
 
 experiments: $(EXPERIMENTS) exp-attention
 
-# The six methods and supervised on real CIFAR-10, at a budget a laptop's CPU can afford.
+# The six methods, supervised and rotation on real CIFAR-10, at a budget a laptop's CPU can afford.
 laptop: $(VENV)/.installed
 	@test -n "$(CIFAR)" || { echo "make laptop: give CIFAR=path/to/cifar10-jpg.tar.gz (or cifar-10-python.tar.gz)"; exit 2; }
 	$(PY) experiments/laptop.py --data $(CIFAR) -- $(LAPTOP_ARGS)

@@ -1,4 +1,4 @@
-"""Every method learns on a laptop: the six methods and supervised on real CIFAR-10, each
+"""Every method learns on a laptop: the six methods, supervised and rotation on real CIFAR-10, each
 at a budget of about ten minutes on 2 CPU cores (the measured times: docs/results.md).
 
 The reference budget: 20,000 training images (a seeded random subset), a ResNet-18 of width
@@ -25,7 +25,7 @@ BUDGET = ["--subset", "20000", "--width", "16"]
 # recipe, MAE on ViT-Tiny), then supervised. DINO's own ViT is not here: with 2 global and 6
 # local crops it trains at about 20 images/s on 2 cores, so 5 epochs of 20,000 images would
 # take hours; `make exp-attention` trains a smaller one on `shapes` instead.
-ROWS = harness.METHODS + [("Supervised", "supervised.py", [])]
+ROWS = harness.METHODS + [("Supervised", "supervised.py", []), ("Rotation", "rotation.py", [])]
 ARCH_NAMES = {"resnet18": "ResNet-18", "vit_tiny": "ViT-Tiny"}
 
 
