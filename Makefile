@@ -58,8 +58,9 @@ setup: $(VENV)/.installed
 
 # One recipe per method for `make demo METHOD=...`: 16 px shapes and a narrow ResNet-18 (MAE: a
 # 4-block ViT with 4 px patches), the epochs that fit about four minutes on 2 CPU cores (DINO's run
-# longer: docs/notes.md, DINO), and a few departures from each method's defaults; why each, with the measurements: docs/notes.md, "The
-# demos' recipes, in short". Their figures: results/demos.json (experiments/demos.py).
+# longer: docs/notes.md, DINO), and a few departures from each method's defaults; why each, with
+# the measurements: docs/notes.md, "The demos' recipes, in short". Their figures: results/demos.json
+# (experiments/demos.py).
 DEMO := --data shapes --image-size 16 --eval-every 5
 DEMO_RESNET := $(DEMO) --width 16 --min-scale 0.6
 DEMO_simclr := simclr.py $(DEMO_RESNET) --batch-size 256 --epochs 20 --warmup-epochs 2
