@@ -57,10 +57,9 @@ endif
 setup: $(VENV)/.installed
 
 # One recipe per method for `make demo METHOD=...`: 16 px shapes and a narrow ResNet-18 (MAE: a
-# 4-block ViT with 4 px patches), the epochs that fit about four minutes on 2 CPU cores (DINO's run
-# longer: docs/notes.md, DINO), and a few departures from each method's defaults; why each, with
-# the measurements: docs/notes.md, "The demos' recipes, in short". Their figures: results/demos.json
-# (experiments/demos.py).
+# 4-block ViT with 4 px patches), the epochs that fit about four minutes on 2 CPU cores, and a
+# few departures from each method's defaults; why each, with the measurements: docs/notes.md,
+# "The demos' recipes, in short". Their figures: results/demos.json (experiments/demos.py).
 DEMO := --data shapes --image-size 16 --eval-every 5
 DEMO_RESNET := $(DEMO) --width 16 --min-scale 0.6
 DEMO_simclr := simclr.py $(DEMO_RESNET) --batch-size 256 --epochs 20 --warmup-epochs 2
@@ -68,7 +67,7 @@ DEMO_moco := moco.py $(DEMO_RESNET) --batch-size 128 --epochs 16 --queue-size 10
 DEMO_byol := byol.py $(DEMO_RESNET) --batch-size 256 --epochs 16 --tau-base 0.8
 DEMO_simsiam := simsiam.py $(DEMO_RESNET) --batch-size 256 --epochs 16
 DEMO_rotation := rotation.py $(DEMO_RESNET) --batch-size 256 --epochs 30 --warmup-epochs 1
-DEMO_dino := dino.py $(DEMO_RESNET) --arch resnet18 --batch-size 64 --epochs 20
+DEMO_dino := dino.py $(DEMO_RESNET) --arch resnet18 --batch-size 64 --epochs 16 --out-dim 256 --teacher-temp 0.02
 DEMO_mae := mae.py $(DEMO) --batch-size 256 --patch-size 4 --depth 4 --decoder-depth 2 --lr 1e-3 --epochs 20 \
             --finetune-epochs 0
 

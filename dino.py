@@ -61,6 +61,11 @@ import common
 #           The ViT recipe on a ResNet never left the uniform output (loss log K) here in forty
 #           tries, and its teacher alone (T_t rising to 0.07, EMA rising from 0.996 to 1) stops
 #           the ResNet recipe from learning in a short run: docs/notes.md, "DINO".
+#           A short run (the `shapes` demo, the laptop budget) passes --out-dim 256 --teacher-temp
+#           0.02: with 2048 prototypes and T_t 0.04 the teacher stays near the uniform output
+#           (loss near log K) for hundreds of steps; a sharper teacher over fewer prototypes
+#           sharpens in the first epoch (docs/notes.md, "DINO"). Not the default, which is
+#           lightly's recipe for 200 epochs, where it has not been measured.
 # Departures from both: biases and norm parameters get no weight decay (main_dino.py's rule;
 # lightly decays them), and the cosine ends at 1e-6 (lightly's at 0).
 # ============================================================================================
