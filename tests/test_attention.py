@@ -91,4 +91,5 @@ def test_attention_experiment_end_to_end(tmp_path, monkeypatch):
     for k in res["jaccard"]:                                   # the best head is the best of the heads
         assert res["jaccard"][k] == max(res["jaccard_per_head"][k]) >= res["jaccard_mean_over_heads"][k]
         assert len(res["jaccard_per_head"][k]) == 3            # ViT-Tiny's heads
+    assert set(res["train_seconds"]) == {"dino", "supervised"} and all(v > 0 for v in res["train_seconds"].values())
     assert (tmp_path / "res" / "attention.png").is_file()

@@ -285,6 +285,18 @@ def test_load_encoder_names_a_folder_that_is_not_a_run(tmp_path):
         harness.load_encoder(tmp_path)
 
 
+def test_laptop_gives_dino_the_demos_short_run_flags():
+    """make laptop's DINO row and `make demo METHOD=dino` depart from DINO's defaults in the same
+    way (docs/notes.md, DINO): each flag of laptop.SHORT_RUN, with its value, is in the demo's
+    command as the Makefile writes it, and in the row laptop trains."""
+    import demos
+    demo = demos.demo_command("dino").split()
+    row = next(flags for label, script, flags in laptop.ROWS if label == "DINO")
+    pairs = lambda flags: {(a, b) for a, b in zip(flags, flags[1:]) if a.startswith("--")}
+    short = pairs(laptop.SHORT_RUN["DINO"])
+    assert short and short <= pairs(demo) and short <= pairs(row)
+
+
 def test_laptop_table_end_to_end(tmp_path, monkeypatch):
     """make laptop on one tiny row: the table has the run and the random-init bar of its
     backbone, each with kNN and a linear probe; without --data it stops with a message."""
