@@ -9,9 +9,9 @@ its attention mass (the fewest patches whose weights add up to 0.6), and the Jac
 images. Like the paper, the headline is each network's best head (chosen on the same test
 images); the mean over heads is written too. The untrained ViT (the DINO run's initial
 weights) is the bar: its maps are near uniform, so its mask is about 60% of the image.
-Both networks train 10 epochs in batches of 64 (about a quarter of an hour on 2 CPU cores in
-all); with 5 epochs of batches of 128 DINO's heads had barely begun to follow the shapes and
-the supervised ViT had not yet left chance (docs/notes.md, DINO).
+Both networks train 10 epochs in batches of 64 (each run's seconds: results/attention.json);
+with 5 epochs of batches of 128 DINO's heads had barely begun to follow the shapes and the
+supervised ViT had barely left its random init (docs/notes.md, DINO).
 
 Writes results/attention.json ({"jaccard": {"dino", "supervised", "random"}, ...}, as
 fractions) and results/attention.png (rows: the image, its true mask, then DINO's,
